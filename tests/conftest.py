@@ -1,0 +1,54 @@
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+
+import train_gpt  # noqa: E402
+import tinyshakespeare  # noqa: E402
+
+# Offline copies: tests never touch the network.
+SHARED = ROOT.parent / "shared"
+TEXT_CANDIDATES = [os.environ.get("TINYSHAKESPEARE", ""), SHARED / "data/tinyshakespeare/input.txt",
+                   ROOT / "data/tinyshakespeare/input.txt"]
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
+
+
+def cpu_env():
+    """Environment for trainer subprocesses: CPU only, whatever the machine has."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text():
+    for candidate in TEXT_CANDIDATES:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).read_text(encoding="utf-8")
+    pytest.skip("tiny Shakespeare input.txt not found: set TINYSHAKESPEARE or run ./run.sh once")
+
+
+@pytest.fixture(scope="session")
+def char_shards(shakespeare_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shakespeare_char")
+    tinyshakespeare.write_char(shakespeare_text, out)
+    return out
+
+
+def tiny_config(char_shards, tmp_path, **overrides):
+    """A CPU-track config small enough for a test to train in seconds."""
+    base = dict(train_files=str(char_shards / "train_*.bin"), val_files=str(char_shards / "val_*.bin"),
+                val_tokens=4096, seq_len=32, batch_size=8, micro_batch_size=8, n_layer=2, model_dim=32,
+                head_dim=16, window=32, steps=6, cooldown_steps=3, muon_momentum_warmup=3, val_every=3,
+                dtype="float32", compile=False, warmup_steps=0, log_dir=str(tmp_path / "logs"))
+    return dataclasses.replace(train_gpt.PRESETS["cpu-shakespeare"], **{**base, **overrides})
+
+
+def config_args(cfg):
+    """The command-line flags that reproduce a config."""
+    return [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()]

@@ -1,0 +1,73 @@
+import dataclasses
+
+import pytest
+import torch
+
+from train_gpt import PRESETS, Muon, lr_factor, muon_momentum, newton_schulz
+
+
+def with_spectrum(rows, cols, singular_values, seed=0):
+    """U diag(s) V^T with random orthonormal U and V."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    U, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
+    return U @ torch.diag(singular_values) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (64, 256), (96, 96), (100, 37)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_newton_schulz_orthogonalises(shape, dtype):
+    """The output is U S' V^T: G's singular vectors, with every singular value pushed into ~[0.7, 1.2].
+    The spectrum spans two decades, as momentum-averaged gradients do."""
+    k = min(shape)
+    s = torch.logspace(0, -2, k)
+    G = with_spectrum(*shape, s)
+    O = newton_schulz(G, steps=5, dtype=dtype)
+    assert O.shape == G.shape and O.dtype == dtype
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    M = U.T @ O.float() @ Vh.T  # diagonal when O shares G's singular vectors
+    diag = M.diagonal()
+    assert diag.min() > 0.6 and diag.max() < 1.25, (diag.min(), diag.max())
+    off = (M - torch.diag(diag)).abs().max()
+    assert off < (1e-4 if dtype == torch.float32 else 0.05), off
+    S_out = torch.linalg.svdvals(O.float())
+    assert S_out.min() > 0.6 and S_out.max() < 1.25
+
+
+def test_newton_schulz_batched_matches_one_by_one():
+    G = torch.randn(3, 48, 16)
+    batched = newton_schulz(G, dtype=torch.float32)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], newton_schulz(G[i], dtype=torch.float32), atol=1e-5, rtol=1e-5)
+
+
+def test_newton_schulz_scale_invariant():
+    G = torch.randn(32, 64)
+    torch.testing.assert_close(newton_schulz(G, dtype=torch.float32), newton_schulz(1000 * G, dtype=torch.float32),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_muon_step_is_nesterov_then_orthogonalised():
+    torch.manual_seed(0)
+    tall, wide = torch.nn.Parameter(torch.randn(64, 16)), torch.nn.Parameter(torch.randn(16, 64))
+    start = [tall.detach().clone(), wide.detach().clone()]
+    opt = Muon([tall, wide], lr=0.1, momentum=0.9, ns_dtype=torch.float32)
+    grads = [[torch.randn_like(p) for p in (tall, wide)] for _ in range(2)]
+    for g in grads:
+        tall.grad, wide.grad = g
+        opt.step()
+    for i, (p, p0) in enumerate(zip((tall, wide), start)):
+        buf1 = grads[0][i]
+        buf2 = 0.9 * buf1 + grads[1][i]
+        scale = max(1, p.shape[0] / p.shape[1]) ** 0.5
+        expected = p0 - 0.1 * scale * (newton_schulz(grads[0][i] + 0.9 * buf1, dtype=torch.float32)
+                                        + newton_schulz(grads[1][i] + 0.9 * buf2, dtype=torch.float32))
+        torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_schedules():
+    cfg = dataclasses.replace(PRESETS["gpt2-speedrun"], steps=100, cooldown_steps=40, muon_momentum_warmup=10)
+    assert [lr_factor(s, cfg) for s in (0, 60, 80, 100)] == [1.0, 1.0, 0.5, 0.0]
+    assert muon_momentum(0, cfg) == 0.85 and muon_momentum(5, cfg) == pytest.approx(0.90)
+    assert muon_momentum(10, cfg) == muon_momentum(99, cfg) == 0.95

@@ -1,0 +1,108 @@
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import ROOT, config_args, cpu_env, tiny_config
+from tools.logs import Step, parse_log, parse_step
+
+
+def run_lines(cfg):
+    lines = []
+    train_gpt.train(cfg, lines.append)
+    return lines
+
+
+def test_cpu_track_learns(char_shards, tmp_path):
+    """A short run of a small model lowers the whole-val-split loss from ln(65) to well below."""
+    cfg = tiny_config(char_shards, tmp_path, val_tokens=0, steps=60, cooldown_steps=30, val_every=0,
+                      n_layer=2, model_dim=64, head_dim=32, seq_len=64, batch_size=16, micro_batch_size=16,
+                      muon_lr=0.04, embed_lr=0.3, dtype="bfloat16", muon_momentum_warmup=20)
+    val_loss, _ = train_gpt.train(cfg, lambda line: None)
+    assert val_loss < 2.6, val_loss  # ln(65) = 4.17 at the start; character frequencies alone give ~3.3
+
+
+def test_same_seed_same_losses(char_shards, tmp_path):
+    cfg = tiny_config(char_shards, tmp_path)
+    first, second = run_lines(cfg), run_lines(cfg)
+    other = run_lines(tiny_config(char_shards, tmp_path, seed=1))
+    losses = lambda lines: [parse_step(line).loss for line in lines]
+    assert losses(first) == losses(second)
+    assert losses(first) != losses(other)
+
+
+def run_trainer(cfg, nproc):
+    """Run train_gpt.py as users do, one process or torchrun with gloo; return its parsed log."""
+    launch = [sys.executable, str(ROOT / "train_gpt.py")]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                  str(ROOT / "train_gpt.py")]
+    result = subprocess.run([*launch, *config_args(cfg)], capture_output=True, text=True, env=cpu_env(),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = [line.split("log: ", 1)[1] for line in result.stdout.splitlines() if line.startswith("log: ")]
+    return parse_log(paths[-1])
+
+
+def test_accumulation_matches_two_processes(char_shards, tmp_path):
+    """Batch of 8 sequences, 2 per forward pass: 4 accumulation steps on one process, 2 on each of two
+    gloo processes. The tokens and every update are the same, so the losses must be too."""
+    cfg = tiny_config(char_shards, tmp_path, micro_batch_size=2, steps=5, val_every=2)
+    one, two = run_trainer(cfg, 1), run_trainer(cfg, 2)
+    assert one.config["world_size"] == 1 and two.config["world_size"] == 2
+    assert [s.kind for s in one.steps] == [s.kind for s in two.steps] and len(one.steps) == 5 + 4
+    for a, b in zip(one.steps, two.steps):
+        assert a.step == b.step
+        assert a.loss == pytest.approx(b.loss, abs=2e-4), (a, b)
+    # a different batch split of the same data is not the same run: the check has power
+    other = run_lines(tiny_config(char_shards, tmp_path, micro_batch_size=2, steps=5, val_every=2, batch_size=4))
+    assert [parse_step(line).loss for line in other][-1] != pytest.approx(one.steps[-1].loss, abs=2e-4)
+
+
+def test_log_parses_back(char_shards, tmp_path):
+    cfg = tiny_config(char_shards, tmp_path, steps=4, val_every=2)
+    assert train_gpt.main(["--preset", "cpu-shakespeare", *config_args(cfg)]) == 0
+    (path,) = (tmp_path / "logs").glob("*/log.txt")
+    assert path.parent.name[:10].count("-") == 2  # logs/<YYYY-MM-DD_HHMMSS>_<id>/
+    log = parse_log(path)
+    assert log.source == (ROOT / "train_gpt.py").read_text().rstrip("\n")
+    assert log.config["preset"] == "cpu-shakespeare" and log.config["config"]["steps"] == 4
+    assert "torch " + torch.__version__ in log.sections[0]
+    assert [(s.step, s.kind) for s in log.steps] == [
+        (0, "val_loss"), (1, "train_loss"), (2, "train_loss"), (2, "val_loss"),
+        (3, "train_loss"), (4, "train_loss"), (4, "val_loss")]
+    assert log.val[0].loss == pytest.approx(math.log(65), abs=1e-3)  # zero-initialised head
+    assert all(a.train_time_ms <= b.train_time_ms for a, b in zip(log.steps, log.steps[1:]))
+    assert log.steps[-1].step_avg_ms == pytest.approx(log.steps[-1].train_time_ms / 4, abs=0.5 / 4 + 0.01)
+
+
+def test_public_log_lines_parse():
+    line = "step:125/1393 val_loss:4.4043 train_time:14281ms step_avg:124.19ms"
+    assert parse_step(line) == Step(125, 1393, "val_loss", 4.4043, 14281, 124.19)
+    assert parse_step("step:14/1875 train_loss:6.3346 train_time:602ms step_avg:150.62ms").loss == 6.3346
+    assert parse_step("peak memory allocated: 37653 MiB reserved: 39236 MiB") is None
+
+
+def test_compiled_model_matches_eager(char_shards, tmp_path):
+    """The one torch.compile smoke test: the CPU track's compiled forward and backward agree with eager."""
+    cfg = tiny_config(char_shards, tmp_path)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    tokens = torch.randint(0, 65, (4, 33))
+    eager = model(tokens[:, :-1], tokens[:, 1:])
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(model)(tokens[:, :-1], tokens[:, 1:])
+        compiled.backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for g, p in zip(eager_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,664 @@
+"""Train a GPT on token shards, fast: the NanoGPT speedrun in one file.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py           # the 8xH100 record
+    python train_gpt.py                                              # the CPU track, without CUDA
+    python train_gpt.py --preset cpu-shakespeare --steps=100 --seed=1
+
+Sections: config and presets, data, model, optimizer, training loop, main.
+"""
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class UserError(Exception):
+    """Bad input the user can fix (a path, a shard, a flag): reported as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------- config and presets
+
+@dataclass
+class Config:
+    # data: llm.c token shards; the stream of train tokens is fixed by the record rules
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_tokens: int = 10_485_760  # targets scored from the start of the val split; 0 = all of it
+    vocab_size: int = 50304  # GPT-2's 50257, padded to a multiple of 128 for the matmuls
+    eot_token: int = 50256  # <|endoftext|> opens every document; attention never crosses it
+    seq_len: int = 65536  # tokens per sequence; documents are packed and separated by the mask
+    batch_size: int = 8  # sequences per optimizer step, over all processes
+    micro_batch_size: int = 1  # sequences per forward pass; the rest is gradient accumulation
+    # model
+    n_layer: int = 12
+    model_dim: int = 768
+    head_dim: int = 128
+    mlp_ratio: int = 4
+    window: int = 1024  # attention reaches back at most this many tokens (Nov-2024 record)
+    logit_cap: float = 30.0  # logits = cap * tanh(logits / cap)
+    # optimizer: Muon for the matrices inside the blocks, Adam for everything else
+    steps: int = 1875
+    cooldown_steps: int = 562  # lr is constant, then falls linearly to 0 over the last steps
+    muon_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85  # warmed up linearly to muon_momentum ...
+    muon_momentum_warmup: int = 500  # ... over this many steps
+    ns_steps: int = 5  # Newton-Schulz iterations
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    scalar_lr: float = 0.04
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    # run
+    val_every: int = 125  # also at the last step; 0 = only at the last step
+    seed: int = 0
+    dtype: str = "bfloat16"  # activations and matmuls; master weights stay float32
+    compile: bool = True
+    warmup_steps: int = 3  # untimed steps on random tokens to compile, then the state is reset
+    log_dir: str = "logs"
+
+
+PRESETS = {
+    # The 8xH100 record of Nov 2024 (3.28 val loss in 1875 steps); fewer GPUs accumulate.
+    "gpt2-speedrun": Config(),
+    # The CPU track: character-level tiny Shakespeare to <= 1.88 val loss on a 2-core machine.
+    "cpu-shakespeare": Config(
+        train_files="data/shakespeare_char/train_*.bin",
+        val_files="data/shakespeare_char/val_*.bin",
+        val_tokens=0,  # the track is scored on the whole val split
+        vocab_size=65,
+        eot_token=-1,  # one continuous text: no document boundaries
+        seq_len=256,
+        batch_size=32,
+        micro_batch_size=32,
+        n_layer=4,
+        model_dim=128,
+        head_dim=32,
+        window=256,
+        steps=400,
+        cooldown_steps=200,
+        muon_lr=0.04,
+        muon_momentum_warmup=100,
+        embed_lr=0.3,
+        head_lr=0.008,
+        scalar_lr=0.04,
+        val_every=100,
+        compile=False,
+        warmup_steps=2,
+    ),
+}
+
+
+def default_preset():
+    return "gpt2-speedrun" if torch.cuda.is_available() else "cpu-shakespeare"
+
+
+def parse_config(argv):
+    """`--preset NAME` picks the starting point; `--key=value` overrides any field of Config."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset())
+    for f in dataclasses.fields(Config):
+        kind = {bool: _parse_bool}.get(f.type, f.type)
+        parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.type.__name__.upper())
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    return args.preset, dataclasses.replace(PRESETS[args.preset], **overrides)
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def validate(cfg, world_size):
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.batch_size % per_step:
+        raise UserError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
+                        f"{cfg.micro_batch_size} x {world_size} processes")
+    if cfg.model_dim % cfg.head_dim:
+        raise UserError(f"model_dim {cfg.model_dim} is not a multiple of head_dim {cfg.head_dim}")
+    if not 0 <= cfg.cooldown_steps <= cfg.steps:
+        raise UserError(f"cooldown_steps {cfg.cooldown_steps} must lie in [0, steps={cfg.steps}]")
+    if cfg.dtype not in ("bfloat16", "float32"):
+        raise UserError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+
+
+# ----------------------------------------------------------------------------- data
+
+# A shard (the llm.c format): 256 little-endian int32 [magic, version, n_tokens, 0, ...],
+# then n_tokens little-endian uint16 tokens.
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: tokens must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def read_header(path):
+    """Check a shard's header against its size; return its token count."""
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise UserError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+    magic, version, n_tokens = np.fromfile(path, dtype="<i4", count=3)
+    if magic != SHARD_MAGIC:
+        raise UserError(f"{path}: magic number {magic} at byte 0, expected {SHARD_MAGIC}: not a token shard")
+    if version != SHARD_VERSION:
+        raise UserError(f"{path}: shard version {version} at byte 4, expected {SHARD_VERSION}")
+    if size != HEADER_BYTES + 2 * n_tokens:
+        raise UserError(f"{path}: header says {n_tokens} tokens ({HEADER_BYTES + 2 * n_tokens} bytes) "
+                        f"but the file has {size} bytes: truncated or corrupt")
+    return int(n_tokens)
+
+
+def read_shard(path, vocab_size):
+    n_tokens = read_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_BYTES)
+    bad = np.flatnonzero(tokens >= vocab_size)
+    if bad.size:
+        raise UserError(f"{path}: token {tokens[bad[0]]} at position {bad[0]} is outside the "
+                        f"vocabulary of {vocab_size}: shards for another tokenizer?")
+    return tokens
+
+
+def find_shards(pattern):
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise UserError(f"no shard matches {pattern!r} (see data/ for the scripts that make them)")
+    return files
+
+
+class TrainLoader:
+    """Each step reads batch_size * seq_len (+1) contiguous tokens from one shard, moving to the next
+    shard (cyclically) when the current one runs out. Micro-batch j of the step goes to rank
+    j % world_size, so the tokens of every update are the same for any number of processes."""
+
+    def __init__(self, cfg, rank, world_size, device):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.files = find_shards(cfg.train_files)
+        need = cfg.batch_size * cfg.seq_len + 1
+        for path in self.files:
+            n_tokens = read_header(path)
+            if n_tokens < need:
+                raise UserError(f"{path}: {n_tokens} tokens, but one step reads {need} "
+                                f"(batch_size {cfg.batch_size} x seq_len {cfg.seq_len} + 1)")
+        self.shard, self.pos = 0, 0
+        self.tokens = read_shard(self.files[0], cfg.vocab_size)
+
+    def next_batches(self):
+        """The (inputs, targets) micro-batches this rank accumulates over in the next step."""
+        cfg = self.cfg
+        span = cfg.batch_size * cfg.seq_len
+        if self.pos + span + 1 > len(self.tokens):
+            self.shard, self.pos = (self.shard + 1) % len(self.files), 0
+            self.tokens = read_shard(self.files[self.shard], cfg.vocab_size)
+        buf = torch.from_numpy(self.tokens[self.pos:self.pos + span + 1].astype(np.int64))
+        self.pos += span
+        micro = cfg.micro_batch_size * cfg.seq_len
+        batches = []
+        for j in range(self.rank, cfg.batch_size // cfg.micro_batch_size, self.world_size):
+            chunk = buf[j * micro:(j + 1) * micro + 1].to(self.device, non_blocking=True)
+            batches.append((chunk[:-1].view(-1, cfg.seq_len), chunk[1:].view(-1, cfg.seq_len)))
+        return batches
+
+
+def load_val_tokens(cfg):
+    """The first val_tokens targets of the val shards (and the token before them), in one array."""
+    parts, have = [], 0
+    for path in find_shards(cfg.val_files):
+        parts.append(read_shard(path, cfg.vocab_size))
+        have += len(parts[-1])
+        if cfg.val_tokens and have > cfg.val_tokens:
+            break
+    tokens = np.concatenate(parts)
+    if cfg.val_tokens:
+        if len(tokens) <= cfg.val_tokens:
+            raise UserError(f"val shards {cfg.val_files!r} hold {len(tokens)} tokens; "
+                            f"val_tokens={cfg.val_tokens} needs {cfg.val_tokens + 1}")
+        tokens = tokens[:cfg.val_tokens + 1]
+    if len(tokens) < 2:
+        raise UserError(f"val shards {cfg.val_files!r} hold {len(tokens)} tokens, too few to score")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- model
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def document_mask(docs, window):
+    """The one mask function of both attention paths: causal, same document, within the window."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        causal = q_idx >= kv_idx
+        near = q_idx - kv_idx < window
+        return causal & near & (docs[b, q_idx] == docs[b, kv_idx])
+    return mask_mod
+
+
+def attention_mask(tokens, eot_token, window, flex):
+    """A FlexAttention block mask, or the same mask_mod evaluated densely for the SDPA path."""
+    B, T = tokens.shape
+    mask_mod = document_mask((tokens == eot_token).cumsum(-1), window)
+    if flex:
+        return create_block_mask(mask_mod, B, None, T, T, device=tokens.device)
+    idx = torch.arange(T, device=tokens.device)
+    b = torch.arange(B, device=tokens.device).view(B, 1, 1, 1)
+    return mask_mod(b, 0, idx.view(T, 1), idx)  # broadcasts to (B, 1, T, T)
+
+
+def attend(q, k, v, mask):
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask)
+    # On CPU the math backend (batched matmuls) trains ~1.5x faster than the flash kernel, whose
+    # backward is slow for small heads; torch.compile fuses its masked softmax.
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class CastedLinear(nn.Linear):
+    """float32 master weights, cast to the activations' dtype in the forward pass."""
+
+    def __init__(self, in_features, out_features, zero_init=False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim, max_len, base=10000.0):
+        super().__init__()
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # x: (B, T, heads, head_dim)
+        T = x.size(1)
+        cos, sin = (t[None, :T, None, :].to(x.dtype) for t in (self.cos, self.sin))
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim, self.head_dim = cfg.model_dim, cfg.head_dim
+        self.q, self.k, self.v = (CastedLinear(dim, dim) for _ in range(3))
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.rotary = Rotary(cfg.head_dim, cfg.seq_len)
+        self.value_mix = nn.Parameter(torch.tensor(0.5))  # value residual: share of the first block's v
+
+    def forward(self, x, v_first, mask):
+        B, T, dim = x.shape
+        q, k, v = (layer(x).view(B, T, -1, self.head_dim) for layer in (self.q, self.k, self.v))
+        if v_first is None:
+            v_first = v
+        v = (1 - self.value_mix) * v + self.value_mix * v_first
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))  # QK-norm keeps attention logits tame
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, dim)), v_first
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = CastedLinear(cfg.model_dim, cfg.mlp_ratio * cfg.model_dim)
+        self.proj = CastedLinear(cfg.mlp_ratio * cfg.model_dim, cfg.model_dim, zero_init=True)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the stream and x0
+
+    def forward(self, x, x0, v_first, mask):
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        y, v_first = self.attn(norm(x), v_first, mask)
+        x = x + y
+        return x + self.mlp(norm(x)), v_first
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, flex=False):
+        super().__init__()
+        self.cfg, self.flex = cfg, flex
+        self.dtype = getattr(torch, cfg.dtype)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # U-net: the first half of the blocks hand their outputs, last first, to the second half
+        self.n_encoder = cfg.n_layer // 2
+        self.skip_weights = nn.Parameter(torch.ones(self.n_encoder))
+        self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+
+    def forward(self, idx, targets, reduction="mean"):
+        cfg = self.cfg
+        mask = attention_mask(idx, cfg.eot_token, cfg.window, self.flex)
+        x = x0 = norm(self.embed(idx).to(self.dtype))
+        v_first, skips = None, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_encoder and skips:
+                x = x + self.skip_weights[i - self.n_encoder] * skips.pop()
+            x, v_first = block(x, x0, v_first, mask)
+            if i < self.n_encoder:
+                skips.append(x)
+        logits = self.lm_head(norm(x)).float()
+        logits = cfg.logit_cap * torch.tanh(logits / cfg.logit_cap)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def newton_schulz(G, steps=5, dtype=torch.bfloat16):
+    """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' in ~[0.7, 1.2].
+
+    A quintic iteration whose coefficients (Muon write-up) push every singular value of the
+    Frobenius-normalised input towards 1 as fast as possible, trading exactness for speed."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(dtype)
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-schulz, for the 2-D weights inside the blocks.
+
+    Parameters of one shape form a group and are orthogonalised as one batch. The batch is split
+    across ranks (each rank keeps the momentum of its share only) and the updates are all-gathered,
+    so every rank applies the same update. Gradients must already be averaged across ranks."""
+
+    def __init__(self, params, lr, momentum, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
+                 rank=0, world_size=1):
+        params = list(params)
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [{"params": [p for p in params if tuple(p.shape) == s]} for s in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.ns_dtype, self.rank, self.world_size = ns_dtype, rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params, mu = group["params"], group["momentum"]
+            share = -(-len(params) // self.world_size)  # ceil: the last rank may get padding
+            mine = params[self.rank * share:(self.rank + 1) * share]
+            rows, cols = params[0].shape
+            updates = torch.zeros(share * self.world_size, rows, cols, dtype=self.ns_dtype,
+                                  device=params[0].device)
+            if mine:
+                grads = [p.grad for p in mine]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+                if group["nesterov"]:
+                    grads = torch._foreach_add(grads, bufs, alpha=mu)
+                else:
+                    grads = bufs
+                lo = self.rank * share
+                updates[lo:lo + len(mine)] = newton_schulz(torch.stack(grads), group["ns_steps"],
+                                                           self.ns_dtype)
+            if self.world_size > 1:
+                dist.all_gather_into_tensor(updates, updates[self.rank * share:(self.rank + 1) * share])
+            scale = max(1.0, rows / cols) ** 0.5  # same RMS update for tall matrices
+            torch._foreach_add_(params, list(updates[:len(params)].float().unbind(0)),
+                                alpha=-group["lr"] * scale)
+
+
+def lr_factor(step, cfg):
+    """Constant, then a linear cooldown to zero over the last cooldown_steps."""
+    left = cfg.steps - step
+    return 1.0 if left >= cfg.cooldown_steps else left / cfg.cooldown_steps
+
+
+def muon_momentum(step, cfg):
+    frac = min(step / cfg.muon_momentum_warmup, 1.0) if cfg.muon_momentum_warmup else 1.0
+    return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
+
+
+def build_optimizers(model, cfg, rank, world_size, device):
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    adam = torch.optim.Adam(
+        [dict(params=[model.embed.weight], lr=cfg.embed_lr),
+         dict(params=[model.lm_head.weight], lr=cfg.head_lr),
+         dict(params=scalars, lr=cfg.scalar_lr)],
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=device.type == "cuda")
+    muon = Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum_start, ns_steps=cfg.ns_steps,
+                ns_dtype=getattr(torch, cfg.dtype), rank=rank, world_size=world_size)
+    optimizers = [adam, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def step_line(step, steps, name, value, train_ms):
+    """One log line in the public speedrun format."""
+    return (f"step:{step}/{steps} {name}:{value:.4f} train_time:{train_ms:.0f}ms "
+            f"step_avg:{train_ms / max(step, 1):.2f}ms")
+
+
+@torch.no_grad()
+def evaluate(model, val_tokens, cfg, rank, world_size, device):
+    """Mean cross-entropy over every target of val_tokens, whatever the number of processes:
+    sequences are dealt out to ranks in turn, and the last one is padded with ignored targets."""
+    model.eval()
+    n_targets, T, B = len(val_tokens) - 1, cfg.seq_len, cfg.micro_batch_size
+    n_seqs = -(-n_targets // T)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for first in range(rank * B, n_seqs, world_size * B):
+        x = torch.zeros(B, T, dtype=torch.int64)
+        y = torch.full((B, T), -100, dtype=torch.int64)  # cross_entropy's ignore_index
+        for row, s in enumerate(range(first, min(first + B, n_seqs))):
+            piece = val_tokens[s * T:(s + 1) * T + 1]
+            x[row, :len(piece) - 1], y[row, :len(piece) - 1] = piece[:-1], piece[1:]
+        total += model(x.to(device), y.to(device), reduction="sum").double()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train()
+    return total.item() / n_targets
+
+
+def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu")):
+    """Train from scratch; return the final val loss and the train time in ms."""
+    validate(cfg, world_size)
+    torch.manual_seed(cfg.seed)
+    loader = TrainLoader(cfg, rank, world_size, device)
+    val_tokens = load_val_tokens(cfg)
+    flex = device.type == "cuda"  # FlexAttention has no backward on CPU
+    raw_model = GPT(cfg, flex=flex).to(device)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    ddp_model = DDP(model, device_ids=[device.index] if flex else None) if world_size > 1 else model
+    optimizers = build_optimizers(raw_model, cfg, rank, world_size, device)
+    accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
+
+    def train_step(step, batches):
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
+        for group in optimizers[1].param_groups:
+            group["momentum"] = muon_momentum(step, cfg)
+        loss_sum = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(batches):
+            last = i == len(batches) - 1
+            with ddp_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+                loss = ddp_model(x, y)
+                (loss / accumulation).backward()
+            loss_sum += loss.detach()
+        for opt in optimizers:
+            opt.step()
+        ddp_model.zero_grad(set_to_none=True)
+        if world_size > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        return loss_sum.item() / accumulation
+
+    # Untimed warm-up on random tokens (allowed by the record rules) compiles every kernel;
+    # then weights and optimizer state go back to their initial values.
+    if cfg.warmup_steps:
+        initial_model = {k: v.clone() for k, v in raw_model.state_dict().items()}
+        initial_opts = [opt.state_dict() for opt in optimizers]
+        for _ in range(cfg.warmup_steps):
+            tokens = torch.randint(0, cfg.vocab_size, (accumulation, cfg.micro_batch_size, cfg.seq_len + 1),
+                                   device=device)
+            train_step(0, [(t[:, :-1], t[:, 1:]) for t in tokens])
+        raw_model.load_state_dict(initial_model)
+        for opt, state in zip(optimizers, initial_opts):
+            opt.load_state_dict(state)
+
+    train_ms, val_loss = 0.0, float("nan")
+    sync(device)
+    t0 = time.perf_counter()
+    for step in range(cfg.steps + 1):
+        last = step == cfg.steps
+        if last or (cfg.val_every and step % cfg.val_every == 0):
+            sync(device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            val_loss = evaluate(model, val_tokens, cfg, rank, world_size, device)
+            log(step_line(step, cfg.steps, "val_loss", val_loss, train_ms))
+            sync(device)
+            t0 = time.perf_counter()
+        if last:
+            break
+        loss = train_step(step, loader.next_batches())
+        log(step_line(step + 1, cfg.steps, "train_loss", loss,
+                      train_ms + 1000 * (time.perf_counter() - t0)))
+    return val_loss, train_ms
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- main
+
+SEPARATOR = "=" * 100
+
+
+def environment_report(device):
+    """Versions and hardware, for the head of the log."""
+    lines = [f"python {platform.python_version()}  torch {torch.__version__}  "
+             f"cuda {torch.version.cuda or 'none'}  numpy {np.__version__}"]
+    if device.type == "cuda":
+        try:
+            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            lines.append(f"nvidia-smi unavailable: {e}")
+    else:
+        model = platform.processor() or platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            model = names[0] if names else model
+        lines.append(f"cpu: {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+class Logger:
+    """Rank 0 prints and appends to logs/<date>_<id>/log.txt; other ranks stay silent."""
+
+    def __init__(self, cfg, rank):
+        self.path = None
+        if rank == 0:
+            run_id = time.strftime("%Y-%m-%d_%H%M%S") + "_" + uuid.uuid4().hex[:8]
+            self.path = Path(cfg.log_dir) / run_id / "log.txt"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, text, echo=True):
+        if self.path is None:
+            return
+        if echo:
+            print(text, flush=True)
+        with open(self.path, "a") as f:
+            f.write(text + "\n")
+
+
+def main(argv=None):
+    preset, cfg = parse_config(argv)
+    distributed = "RANK" in os.environ  # launched by torchrun
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
+                                device if device.type == "cuda" else None)
+    try:
+        log = Logger(cfg, rank)
+        if log.path:
+            print(f"log: {log.path}", flush=True)
+        log(Path(__file__).read_text().rstrip("\n"), echo=False)
+        header = {"preset": preset, "world_size": world_size, "device": str(device),
+                  "argv": sys.argv, "config": dataclasses.asdict(cfg)}
+        for text in (environment_report(device), json.dumps(header, indent=2)):
+            log(SEPARATOR, echo=False)
+            log(text)
+        log(SEPARATOR, echo=False)
+        val_loss, train_ms = train(cfg, log, rank, world_size, device)
+        tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+        log(f"final val_loss:{val_loss:.4f} train_time:{train_ms / 1000:.2f}s "
+            f"tokens/s:{tokens / (train_ms / 1000):.0f} ({tokens / (train_ms / 1000) / world_size:.0f} per process)")
+        if device.type == "cuda":
+            log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        if log.path:
+            print(f"log: {log.path}", flush=True)
+    except UserError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            log(f"error: {e}", echo=False)
+        return 1
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
