@@ -87,22 +87,20 @@ PRESETS = {
         val_tokens=0,  # the track is scored on the whole val split
         vocab_size=65,
         eot_token=-1,  # one continuous text: no document boundaries
-        seq_len=256,
-        batch_size=32,
+        seq_len=64,
+        batch_size=32,  # 2048 tokens a step: past ~4K, a step costs more than it teaches here
         micro_batch_size=32,
         n_layer=4,
-        model_dim=128,
-        head_dim=32,
-        window=256,
-        steps=400,
-        cooldown_steps=200,
-        muon_lr=0.04,
-        muon_momentum_warmup=100,
+        model_dim=96,
+        head_dim=48,
+        window=64,
+        steps=150,
+        cooldown_steps=75,
+        muon_momentum_warmup=40,
         embed_lr=0.3,
-        head_lr=0.008,
-        scalar_lr=0.04,
-        val_every=100,
-        compile=False,
+        head_lr=0.016,
+        adam_beta1=0.8,
+        val_every=50,
         warmup_steps=2,
     ),
 }
@@ -135,8 +133,9 @@ def _parse_bool(text):
 def validate(cfg, world_size):
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step:
+        hint = f" (try --micro_batch_size={cfg.batch_size // world_size})" if cfg.batch_size % world_size == 0 else ""
         raise UserError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
-                        f"{cfg.micro_batch_size} x {world_size} processes")
+                        f"{cfg.micro_batch_size} x {world_size} processes{hint}")
     if cfg.model_dim % cfg.head_dim:
         raise UserError(f"model_dim {cfg.model_dim} is not a multiple of head_dim {cfg.head_dim}")
     if not 0 <= cfg.cooldown_steps <= cfg.steps:
@@ -224,11 +223,13 @@ class TrainLoader:
         buf = torch.from_numpy(self.tokens[self.pos:self.pos + span + 1].astype(np.int64))
         self.pos += span
         micro = cfg.micro_batch_size * cfg.seq_len
-        batches = []
-        for j in range(self.rank, cfg.batch_size // cfg.micro_batch_size, self.world_size):
-            chunk = buf[j * micro:(j + 1) * micro + 1].to(self.device, non_blocking=True)
-            batches.append((chunk[:-1].view(-1, cfg.seq_len), chunk[1:].view(-1, cfg.seq_len)))
-        return batches
+        return [split_micro_batch(buf[j * micro:(j + 1) * micro + 1].to(self.device, non_blocking=True), cfg)
+                for j in range(self.rank, cfg.batch_size // cfg.micro_batch_size, self.world_size)]
+
+
+def split_micro_batch(chunk, cfg):
+    """micro_batch_size * seq_len + 1 consecutive tokens -> (inputs, targets), each (micro_batch_size, seq_len)."""
+    return chunk[:-1].view(-1, cfg.seq_len), chunk[1:].view(-1, cfg.seq_len)
 
 
 def load_val_tokens(cfg):
@@ -439,7 +440,7 @@ class Muon(torch.optim.Optimizer):
                 updates[lo:lo + len(mine)] = newton_schulz(torch.stack(grads), group["ns_steps"],
                                                            self.ns_dtype)
             if self.world_size > 1:
-                dist.all_gather_into_tensor(updates, updates[self.rank * share:(self.rank + 1) * share])
+                dist.all_gather_single(updates, updates[self.rank * share:(self.rank + 1) * share])
             scale = max(1.0, rows / cols) ** 0.5  # same RMS update for tall matrices
             torch._foreach_add_(params, list(updates[:len(params)].float().unbind(0)),
                                 alpha=-group["lr"] * scale)
@@ -541,9 +542,9 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu")):
         initial_model = {k: v.clone() for k, v in raw_model.state_dict().items()}
         initial_opts = [opt.state_dict() for opt in optimizers]
         for _ in range(cfg.warmup_steps):
-            tokens = torch.randint(0, cfg.vocab_size, (accumulation, cfg.micro_batch_size, cfg.seq_len + 1),
-                                   device=device)
-            train_step(0, [(t[:, :-1], t[:, 1:]) for t in tokens])
+            n_tokens = cfg.micro_batch_size * cfg.seq_len + 1
+            train_step(0, [split_micro_batch(torch.randint(0, cfg.vocab_size, (n_tokens,), device=device), cfg)
+                           for _ in range(accumulation)])
         raw_model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
@@ -649,6 +650,8 @@ def main(argv=None):
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         if log.path:
             print(f"log: {log.path}", flush=True)
+        if distributed:  # no rank tears down gloo while another still talks to it (aborts at exit)
+            dist.barrier()
     except UserError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,5 +1,9 @@
 """Tiny Shakespeare as token shards: first 90% of the text for train, last 10% for val.
 
+The text runs play after play, and a training step reads one contiguous stretch of its shard, so
+an in-order train shard would fill each batch with a single scene. The train split's speeches
+(blocks separated by blank lines) are therefore shuffled, with a fixed seed; val stays in order.
+
     python data/tinyshakespeare.py                      # downloads input.txt first
     python data/tinyshakespeare.py --input path/to/input.txt
 
@@ -9,6 +13,7 @@ Writes two tokenisations under data/ (or --out):
 """
 import argparse
 import json
+import random
 import sys
 import urllib.request
 from pathlib import Path
@@ -35,9 +40,15 @@ def fetch_text(path):
     return path.read_text(encoding="utf-8")
 
 
+SHUFFLE_SEED = 0
+
+
 def split(text):
+    """(train, val): the first 90% with its speeches shuffled, and the last 10% as it is."""
     n = int(0.9 * len(text))
-    return text[:n], text[n:]
+    speeches = text[:n].split("\n\n")
+    random.Random(SHUFFLE_SEED).shuffle(speeches)
+    return "\n\n".join(speeches), text[n:]
 
 
 def write_char(text, out_dir):

@@ -143,6 +143,15 @@ def test_tinyshakespeare_char_shards(shakespeare_text, char_shards):
     assert tinyshakespeare.decode_char(val, char_shards / "meta.json") == shakespeare_text[n:]
 
 
+def test_tinyshakespeare_train_split_is_its_speeches_shuffled(shakespeare_text, char_shards):
+    """The first 90%, speech for speech, in a fixed shuffled order (so batches mix plays)."""
+    train = tinyshakespeare.decode_char(read_shard(char_shards / "train_000000.bin", 65), char_shards / "meta.json")
+    original = shakespeare_text[:int(0.9 * len(shakespeare_text))]
+    assert train != original
+    assert sorted(train.split("\n\n")) == sorted(original.split("\n\n"))
+    assert tinyshakespeare.split(shakespeare_text)[0] == train  # the same order every time
+
+
 def test_tinyshakespeare_gpt2_shards(shakespeare_text, tmp_path):
     import tiktoken
     tinyshakespeare.write_gpt2(shakespeare_text, tmp_path)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The main job, and the tests.
+#
+#   ./run.sh [--key=value ...]   with GPUs: the GPT speedrun with torchrun on every local GPU,
+#                                fetching the FineWeb shards first if they are missing;
+#                                without: the CPU track on tiny Shakespeare, data preparation included.
+#   ./run.sh test [pytest args]  the test suite (CPU only, offline).
+#
+# Arguments after the command go to the trainer (or pytest). The first run installs requirements.txt
+# into .venv unless the current python already has them; set PYTHON to use another interpreter.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Offline copies beside the checkout (as on build machines without internet) are used when present.
+SHARED=../shared
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d "$SHARED/tiktoken" ]; then
+    export TIKTOKEN_CACHE_DIR="$SHARED/tiktoken"
+fi
+
+python_ready() { "$1" -c 'import torch, numpy, tqdm, huggingface_hub, tiktoken, pytest' 2>/dev/null; }
+
+PYTHON=${PYTHON:-python3}
+if ! python_ready "$PYTHON"; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    PYTHON=.venv/bin/python
+    if ! python_ready "$PYTHON"; then
+        echo "run.sh: installing requirements.txt into .venv"
+        "$PYTHON" -m pip install --quiet "$(grep '^torch==' requirements.txt)"  # before anything can pull another
+        "$PYTHON" -m pip install --quiet -r requirements.txt
+    fi
+fi
+
+if [ "${1:-}" = "test" ]; then
+    shift
+    exec "$PYTHON" -m pytest tests "$@"
+fi
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+fi
+
+if [ "$gpus" -gt 0 ]; then
+    if [ ! -f data/fineweb10B/fineweb_val_000000.bin ] || [ ! -f data/fineweb10B/fineweb_train_000010.bin ]; then
+        "$PYTHON" data/cached_fineweb10B.py 10
+    fi
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$gpus" train_gpt.py "$@"
+fi
+
+if [ ! -f data/shakespeare_char/val_000000.bin ]; then
+    text=data/tinyshakespeare/input.txt
+    [ -f "$text" ] || [ ! -f "$SHARED/data/tinyshakespeare/input.txt" ] || text="$SHARED/data/tinyshakespeare/input.txt"
+    "$PYTHON" data/tinyshakespeare.py --input "$text"
+fi
+exec "$PYTHON" train_gpt.py "$@"
