@@ -18,12 +18,13 @@ def run_lines(cfg):
 
 
 def test_cpu_track_learns(char_shards, tmp_path):
-    """A short run of a small model lowers the whole-val-split loss from ln(65) to well below."""
+    """A short run of a small model takes the whole-val-split loss from ln(65) = 4.17 to below what the
+    character frequencies (3.35) or a bigram table (2.48, measured on these shards) achieve."""
     cfg = tiny_config(char_shards, tmp_path, val_tokens=0, steps=60, cooldown_steps=30, val_every=0,
                       n_layer=2, model_dim=64, head_dim=32, seq_len=64, batch_size=16, micro_batch_size=16,
                       muon_lr=0.04, embed_lr=0.3, dtype="bfloat16", muon_momentum_warmup=20)
     val_loss, _ = train_gpt.train(cfg, lambda line: None)
-    assert val_loss < 2.6, val_loss  # ln(65) = 4.17 at the start; character frequencies alone give ~3.3
+    assert val_loss < 2.4, val_loss
 
 
 def test_same_seed_same_losses(char_shards, tmp_path):
