@@ -12,9 +12,10 @@ from tools.logs import Step, parse_log, parse_step
 
 
 def run_lines(cfg):
+    """The step lines a training run logs."""
     lines = []
     train_gpt.train(cfg, lines.append)
-    return lines
+    return [line for line in lines if parse_step(line)]
 
 
 def test_cpu_track_learns(char_shards, tmp_path):

@@ -1,0 +1,46 @@
+import dataclasses
+
+import pytest
+
+from train_gpt import PRESETS, UserError, parse_config, validate
+
+
+def test_preset_then_overrides():
+    preset, cfg = parse_config(["--preset", "gpt2-speedrun", "--steps=100", "--muon_lr", "0.05",
+                                "--compile=false", "--train_files=x/*.bin"])
+    assert preset == "gpt2-speedrun"
+    assert (cfg.steps, cfg.muon_lr, cfg.compile, cfg.train_files) == (100, 0.05, False, "x/*.bin")
+    assert dataclasses.replace(cfg, steps=1875, muon_lr=0.04, compile=True,
+                               train_files=PRESETS["gpt2-speedrun"].train_files) == PRESETS["gpt2-speedrun"]
+
+
+def test_presets_differ_only_where_set():
+    _, cfg = parse_config(["--preset", "cpu-shakespeare"])
+    assert cfg == PRESETS["cpu-shakespeare"] and cfg.vocab_size == 65 and cfg.val_tokens == 0
+
+
+@pytest.mark.parametrize("argv", [["--steps=ten"], ["--compile=maybe"], ["--no_such_key=1"], ["--preset", "nope"]])
+def test_bad_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_batch_must_divide_among_processes():
+    cfg = dataclasses.replace(PRESETS["gpt2-speedrun"], batch_size=8, micro_batch_size=2)
+    validate(cfg, 4)
+    with pytest.raises(UserError, match=r"batch_size 8 is not a multiple of micro_batch_size 2 x 8 processes"):
+        validate(cfg, 8)
+    with pytest.raises(UserError, match=r"\(try --micro_batch_size=2\)"):
+        validate(dataclasses.replace(cfg, micro_batch_size=4), 4)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model_dim=100), "model_dim 100 is not a multiple of head_dim 128"),
+    (dict(cooldown_steps=5000), r"cooldown_steps 5000 must lie in \[0, steps=1875\]"),
+    (dict(steps=0, cooldown_steps=0), "steps must be at least 1"),
+    (dict(dtype="float16"), "dtype must be bfloat16 or float32"),
+])
+def test_inconsistent_settings(change, message):
+    with pytest.raises(UserError, match=message):
+        validate(dataclasses.replace(PRESETS["gpt2-speedrun"], **change), 1)
