@@ -131,6 +131,10 @@ def _parse_bool(text):
 
 
 def validate(cfg, world_size):
+    for name in ("seq_len", "batch_size", "micro_batch_size", "n_layer", "model_dim", "head_dim", "mlp_ratio",
+                 "window", "steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step:
         hint = f" (try --micro_batch_size={cfg.batch_size // world_size})" if cfg.batch_size % world_size == 0 else ""
@@ -138,8 +142,10 @@ def validate(cfg, world_size):
                         f"{cfg.micro_batch_size} x {world_size} processes{hint}")
     if cfg.model_dim % cfg.head_dim:
         raise UserError(f"model_dim {cfg.model_dim} is not a multiple of head_dim {cfg.head_dim}")
-    if cfg.steps < 1:
-        raise UserError(f"steps must be at least 1, got {cfg.steps}")
+    if cfg.head_dim % 2:
+        raise UserError(f"head_dim must be even for rotary embeddings, got {cfg.head_dim}")
+    if cfg.val_every < 0:
+        raise UserError(f"val_every must be 0 (last step only) or more, got {cfg.val_every}")
     if not 0 <= cfg.cooldown_steps <= cfg.steps:
         raise UserError(f"cooldown_steps {cfg.cooldown_steps} must lie in [0, steps={cfg.steps}]")
     if cfg.dtype not in ("bfloat16", "float32"):
@@ -206,14 +212,14 @@ class TrainLoader:
     def __init__(self, cfg, rank, world_size, device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.files = find_shards(cfg.train_files)
-        need = cfg.batch_size * cfg.seq_len + 1
-        self.total_tokens = 0
+        span = cfg.batch_size * cfg.seq_len
+        self.usable_tokens = 0  # what the steps read before the stream wraps: each shard's tail is skipped
         for path in self.files:
             n_tokens = read_header(path)
-            if n_tokens < need:
-                raise UserError(f"{path}: {n_tokens} tokens, but one step reads {need} "
+            if n_tokens < span + 1:
+                raise UserError(f"{path}: {n_tokens} tokens, but one step reads {span + 1} "
                                 f"(batch_size {cfg.batch_size} x seq_len {cfg.seq_len} + 1)")
-            self.total_tokens += n_tokens
+            self.usable_tokens += (n_tokens - 1) // span * span
         self.shard, self.pos = 0, 0
         self.tokens = read_shard(self.files[0], cfg.vocab_size)
 
@@ -303,6 +309,8 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
+    """The cos and sin tables of rotary position embeddings, computed once for every layer."""
+
     def __init__(self, head_dim, max_len, base=10000.0):
         super().__init__()
         inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -310,11 +318,14 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x):  # x: (B, T, heads, head_dim)
-        T = x.size(1)
-        cos, sin = (t[None, :T, None, :].to(x.dtype) for t in (self.cos, self.sin))
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    def forward(self, T, dtype):
+        return tuple(t[None, :T, None, :].to(dtype) for t in (self.cos, self.sin))
+
+
+def rotate(x, rope):  # x: (B, T, heads, head_dim); rope: Rotary's (cos, sin)
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
@@ -323,16 +334,17 @@ class Attention(nn.Module):
         dim, self.head_dim = cfg.model_dim, cfg.head_dim
         self.q, self.k, self.v = (CastedLinear(dim, dim) for _ in range(3))
         self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.rotary = Rotary(cfg.head_dim, cfg.seq_len)
-        self.value_mix = nn.Parameter(torch.tensor(0.5))  # value residual: share of the first block's v
+        # value residual: the share of the first block's v (which in the first block is v itself,
+        # so there this weight never gets a gradient)
+        self.value_mix = nn.Parameter(torch.tensor(0.5))
 
-    def forward(self, x, v_first, mask):
+    def forward(self, x, v_first, mask, rope):
         B, T, dim = x.shape
         q, k, v = (layer(x).view(B, T, -1, self.head_dim) for layer in (self.q, self.k, self.v))
         if v_first is None:
             v_first = v
         v = (1 - self.value_mix) * v + self.value_mix * v_first
-        q, k = self.rotary(norm(q)), self.rotary(norm(k))  # QK-norm keeps attention logits tame
+        q, k = rotate(norm(q), rope), rotate(norm(k), rope)  # QK-norm keeps attention logits tame
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, dim)), v_first
 
@@ -353,9 +365,9 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the stream and x0
 
-    def forward(self, x, x0, v_first, mask):
+    def forward(self, x, x0, v_first, mask, rope):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        y, v_first = self.attn(norm(x), v_first, mask)
+        y, v_first = self.attn(norm(x), v_first, mask, rope)
         x = x + y
         return x + self.mlp(norm(x)), v_first
 
@@ -366,6 +378,7 @@ class GPT(nn.Module):
         self.cfg, self.flex = cfg, flex
         self.dtype = getattr(torch, cfg.dtype)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.rotary = Rotary(cfg.head_dim, cfg.seq_len)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         # U-net: the first half of the blocks hand their outputs, last first, to the second half
         self.n_encoder = cfg.n_layer // 2
@@ -375,12 +388,13 @@ class GPT(nn.Module):
     def forward(self, idx, targets, reduction="mean"):
         cfg = self.cfg
         mask = attention_mask(idx, cfg.eot_token, cfg.window, self.flex)
+        rope = self.rotary(idx.size(1), self.dtype)
         x = x0 = norm(self.embed(idx).to(self.dtype))
         v_first, skips = None, []
         for i, block in enumerate(self.blocks):
             if i >= self.n_encoder and skips:
                 x = x + self.skip_weights[i - self.n_encoder] * skips.pop()
-            x, v_first = block(x, x0, v_first, mask)
+            x, v_first = block(x, x0, v_first, mask, rope)
             if i < self.n_encoder:
                 skips.append(x)
         logits = self.lm_head(norm(x)).float()
@@ -424,10 +438,12 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        gathers = []  # each group's all-gather runs while the next group is orthogonalised
         for group in self.param_groups:
             params, mu = group["params"], group["momentum"]
             share = -(-len(params) // self.world_size)  # ceil: the last rank may get padding
-            mine = params[self.rank * share:(self.rank + 1) * share]
+            lo = self.rank * share
+            mine = params[lo:lo + share]
             rows, cols = params[0].shape
             updates = torch.zeros(share * self.world_size, rows, cols, dtype=self.ns_dtype,
                                   device=params[0].device)
@@ -440,11 +456,17 @@ class Muon(torch.optim.Optimizer):
                     grads = torch._foreach_add(grads, bufs, alpha=mu)
                 else:
                     grads = bufs
-                lo = self.rank * share
                 updates[lo:lo + len(mine)] = newton_schulz(torch.stack(grads), group["ns_steps"],
                                                            self.ns_dtype)
+            work = None
             if self.world_size > 1:
-                dist.all_gather_single(updates, updates[self.rank * share:(self.rank + 1) * share])
+                work = dist.all_gather_single(updates, updates[lo:lo + share], async_op=True)
+            gathers.append((group, updates, work))
+        for group, updates, work in gathers:
+            if work is not None:
+                work.wait()
+            params = group["params"]
+            rows, cols = params[0].shape
             scale = max(1.0, rows / cols) ** 0.5  # same RMS update for tall matrices
             torch._foreach_add_(params, list(updates[:len(params)].float().unbind(0)),
                                 alpha=-group["lr"] * scale)
@@ -514,13 +536,20 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu")):
     loader = TrainLoader(cfg, rank, world_size, device)
     val_tokens = load_val_tokens(cfg)
     reads = cfg.steps * cfg.batch_size * cfg.seq_len
-    log(f"train: {len(loader.files)} shards, {loader.total_tokens:,} tokens; this run reads {reads:,}"
-        + (" (the stream wraps around: more shards would give fresh tokens)" if reads > loader.total_tokens else ""))
+    log(f"train: {len(loader.files)} shards, {loader.usable_tokens:,} tokens before the stream wraps; "
+        f"this run reads {reads:,}" + (" (it wraps: more shards would give fresh tokens)"
+                                       if reads > loader.usable_tokens else ""))
     log(f"val: {len(val_tokens) - 1:,} targets")
     flex = device.type == "cuda"  # FlexAttention has no backward on CPU
+    if flex and not cfg.compile:
+        raise UserError("on CUDA, --compile=false would run FlexAttention unfused, materialising every "
+                        "seq_len x seq_len score matrix; keep compile on")
     raw_model = GPT(cfg, flex=flex).to(device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    ddp_model = DDP(model, device_ids=[device.index] if flex else None) if world_size > 1 else model
+    ddp_model = model
+    if world_size > 1:  # the only buffers are the rotary tables, the same on every rank
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        forward_sync_buffers=False)
     optimizers = build_optimizers(raw_model, cfg, rank, world_size, device)
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
 
@@ -647,13 +676,13 @@ def main(argv=None):
         log = Logger(cfg, rank)
         if log.path:
             print(f"log: {log.path}", flush=True)
-        log(Path(__file__).read_text().rstrip("\n"), echo=False)
-        header = {"preset": preset, "world_size": world_size, "device": str(device),
-                  "argv": sys.argv, "config": dataclasses.asdict(cfg)}
-        for text in (environment_report(device), json.dumps(header, indent=2)):
+            log(Path(__file__).read_text().rstrip("\n"), echo=False)
+            header = {"preset": preset, "world_size": world_size, "device": str(device),
+                      "argv": sys.argv, "config": dataclasses.asdict(cfg)}
+            for text in (environment_report(device), json.dumps(header, indent=2)):
+                log(SEPARATOR, echo=False)
+                log(text)
             log(SEPARATOR, echo=False)
-            log(text)
-        log(SEPARATOR, echo=False)
         val_loss, train_ms = train(cfg, log, rank, world_size, device)
         tokens = cfg.steps * cfg.batch_size * cfg.seq_len
         log(f"final val_loss:{val_loss:.4f} train_time:{train_ms / 1000:.2f}s "

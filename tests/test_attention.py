@@ -8,11 +8,11 @@ from train_gpt import GPT, PRESETS, attend, attention_mask, document_mask
 from conftest import tiny_config
 
 EOT = 7
-CASES = {  # name: (window, where the end-of-text tokens go)
+CASES = {  # name: (window, where the end-of-text tokens go); documents and windows cross 128-token blocks
     "causal": (10_000, []),
-    "document": (10_000, [5, 40, 41, 90]),
-    "window": (16, []),
-    "document+window": (16, [30, 100]),
+    "document": (10_000, [5, 40, 41, 90, 250, 400]),
+    "window": (200, []),
+    "document+window": (200, [30, 100, 300]),
 }
 
 
@@ -47,10 +47,11 @@ def test_dense_mask_is_the_mask_function(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_sdpa_path_matches_flex_attention(case):
+    """T = 512 spans four of FlexAttention's 128-token blocks: full, partial and skipped ones."""
     window, eots = CASES[case]
-    tokens = tokens_with_eot(eots)
+    tokens = tokens_with_eot(eots, T=512)
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 4, 128, 16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(2, 4, 512, 16, generator=g) for _ in range(3))
     dense = attend(q, k, v, attention_mask(tokens, EOT, window, flex=False))
     with warnings.catch_warnings():  # eager FlexAttention warns that it is unfused
         warnings.simplefilter("ignore")
@@ -59,12 +60,12 @@ def test_sdpa_path_matches_flex_attention(case):
 
 
 def test_model_gives_the_same_loss_on_both_paths(char_shards, tmp_path):
-    cfg = tiny_config(char_shards, tmp_path, eot_token=EOT, window=20, seq_len=64)
+    cfg = tiny_config(char_shards, tmp_path, eot_token=EOT, window=150, seq_len=384)
     torch.manual_seed(0)
     model = GPT(cfg, flex=False)
     for p in model.parameters():  # zero-initialised projections would hide the attention
         torch.nn.init.normal_(p, std=0.2)
-    tokens = tokens_with_eot([5, 33], B=2, T=65)
+    tokens = tokens_with_eot([5, 33, 200], B=2, T=385)
     with torch.no_grad(), warnings.catch_warnings():  # FlexAttention has no backward on CPU
         warnings.simplefilter("ignore")
         sdpa_loss = model(tokens[:, :-1], tokens[:, 1:])

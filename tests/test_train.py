@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import subprocess
 import sys
@@ -18,6 +19,10 @@ def run_lines(cfg):
     return [line for line in lines if parse_step(line)]
 
 
+def losses(lines):
+    return [parse_step(line).loss for line in lines]
+
+
 def test_cpu_track_learns(char_shards, tmp_path):
     """A short run of a small model takes the whole-val-split loss from ln(65) = 4.17 to below what the
     character frequencies (3.35) or a bigram table (2.48, measured on these shards) achieve."""
@@ -32,9 +37,32 @@ def test_same_seed_same_losses(char_shards, tmp_path):
     cfg = tiny_config(char_shards, tmp_path)
     first, second = run_lines(cfg), run_lines(cfg)
     other = run_lines(tiny_config(char_shards, tmp_path, seed=1))
-    losses = lambda lines: [parse_step(line).loss for line in lines]
     assert losses(first) == losses(second)
     assert losses(first) != losses(other)
+
+
+def test_warmup_leaves_no_trace(char_shards, tmp_path):
+    """The untimed warm-up trains on random tokens, then resets weights and optimizer state."""
+    cfg = tiny_config(char_shards, tmp_path)
+    assert losses(run_lines(dataclasses.replace(cfg, warmup_steps=2))) == losses(run_lines(cfg))
+
+
+def test_accumulated_gradient_is_the_batch_gradient(char_shards, tmp_path, monkeypatch):
+    """Four micro-batches of 2 sequences give the gradient of one batch of 8: the mean, not the sum."""
+    seen = []
+    original = train_gpt.Muon.step
+
+    def record(self):
+        seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        original(self)
+
+    monkeypatch.setattr(train_gpt.Muon, "step", record)
+    for micro in (8, 2):
+        cfg = tiny_config(char_shards, tmp_path, micro_batch_size=micro, steps=1, cooldown_steps=1, val_every=0)
+        train_gpt.train(cfg, lambda line: None)
+    whole, accumulated = seen
+    for a, b in zip(whole, accumulated):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def run_trainer(cfg, nproc):
@@ -52,17 +80,15 @@ def run_trainer(cfg, nproc):
 
 def test_accumulation_matches_two_processes(char_shards, tmp_path):
     """Batch of 8 sequences, 2 per forward pass: 4 accumulation steps on one process, 2 on each of two
-    gloo processes. The tokens and every update are the same, so the losses must be too."""
-    cfg = tiny_config(char_shards, tmp_path, micro_batch_size=2, steps=5, val_every=2)
+    gloo processes. The tokens and every update are the same, so the losses must be too (to the
+    log's 4 decimals). Three layers give Muon groups of 3 matrices, so one rank's share is padded."""
+    cfg = tiny_config(char_shards, tmp_path, micro_batch_size=2, steps=5, val_every=2, n_layer=3)
     one, two = run_trainer(cfg, 1), run_trainer(cfg, 2)
     assert one.config["world_size"] == 1 and two.config["world_size"] == 2
     assert [s.kind for s in one.steps] == [s.kind for s in two.steps] and len(one.steps) == 5 + 4
     for a, b in zip(one.steps, two.steps):
         assert a.step == b.step
         assert a.loss == pytest.approx(b.loss, abs=2e-4), (a, b)
-    # a different batch split of the same data is not the same run: the check has power
-    other = run_lines(tiny_config(char_shards, tmp_path, micro_batch_size=2, steps=5, val_every=2, batch_size=4))
-    assert [parse_step(line).loss for line in other][-1] != pytest.approx(one.steps[-1].loss, abs=2e-4)
 
 
 def test_log_parses_back(char_shards, tmp_path):
@@ -79,7 +105,6 @@ def test_log_parses_back(char_shards, tmp_path):
         (3, "train_loss"), (4, "train_loss"), (4, "val_loss")]
     assert log.val[0].loss == pytest.approx(math.log(65), abs=1e-3)  # zero-initialised head
     assert all(a.train_time_ms <= b.train_time_ms for a, b in zip(log.steps, log.steps[1:]))
-    assert log.steps[-1].step_avg_ms == pytest.approx(log.steps[-1].train_time_ms / 4, abs=0.5 / 4 + 0.01)
 
 
 def test_public_log_lines_parse():
@@ -89,8 +114,10 @@ def test_public_log_lines_parse():
     assert parse_step("peak memory allocated: 37653 MiB reserved: 39236 MiB") is None
 
 
-def test_compiled_model_matches_eager(char_shards, tmp_path):
-    """The one torch.compile smoke test: the CPU track's compiled forward and backward agree with eager."""
+def test_compiled_training(char_shards, tmp_path):
+    """The one torch.compile test. The compiled model's forward and backward agree with eager (in
+    float32, so the comparison can be tight); and compiled bfloat16 training with deterministic
+    algorithms, as main() runs it on CPU, repeats itself to the last bit."""
     cfg = tiny_config(char_shards, tmp_path)
     torch.manual_seed(0)
     model = train_gpt.GPT(cfg)
@@ -108,3 +135,14 @@ def test_compiled_model_matches_eager(char_shards, tmp_path):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for g, p in zip(eager_grads, model.parameters()):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
+
+    cfg = tiny_config(char_shards, tmp_path, compile=True, dtype="bfloat16", warmup_steps=1)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            first, second = run_lines(cfg), run_lines(cfg)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert losses(first) == losses(second)
