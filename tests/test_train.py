@@ -48,19 +48,23 @@ def test_warmup_leaves_no_trace(char_shards, tmp_path):
 
 
 def test_accumulated_gradient_is_the_batch_gradient(char_shards, tmp_path, monkeypatch):
-    """Four micro-batches of 2 sequences give the gradient of one batch of 8: the mean, not the sum."""
+    """Four micro-batches of 2 sequences give the gradient of one batch of 8: the mean, not the sum.
+    Compared at the second step: at the first, the zero-initialised head and output projections
+    leave every weight but the head with an exactly zero gradient."""
     seen = []
-    original = train_gpt.Muon.step
-
-    def record(self):
-        seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
-        original(self)
-
-    monkeypatch.setattr(train_gpt.Muon, "step", record)
+    for opt_class in (train_gpt.Muon, torch.optim.Adam):
+        def record(self, original=opt_class.step):
+            seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+            return original(self)
+        monkeypatch.setattr(opt_class, "step", record)
+    runs = []
     for micro in (8, 2):
-        cfg = tiny_config(char_shards, tmp_path, micro_batch_size=micro, steps=1, cooldown_steps=1, val_every=0)
+        seen.clear()
+        cfg = tiny_config(char_shards, tmp_path, micro_batch_size=micro, steps=2, cooldown_steps=1, val_every=0)
         train_gpt.train(cfg, lambda line: None)
-    whole, accumulated = seen
+        runs.append([g for grads in seen[2:] for g in grads])  # the second step, both optimizers
+    whole, accumulated = runs
+    assert sum(int(g.count_nonzero()) for g in whole) > 1000
     for a, b in zip(whole, accumulated):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
