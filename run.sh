@@ -4,6 +4,8 @@
 #   ./run.sh [--key=value ...]   with GPUs: the GPT speedrun with torchrun on every local GPU,
 #                                fetching the FineWeb shards first if they are missing;
 #                                without: the CPU track on tiny Shakespeare, data preparation included.
+#   ./run.sh cifar [args]        the CIFAR-10 speedrun (train_cifar.py), downloading CIFAR-10 first
+#                                if data/cifar10 lacks it.
 #   ./run.sh test [pytest args]  the test suite (CPU only, offline).
 #
 # Arguments after the command go to the trainer (or pytest). The first run installs requirements.txt
@@ -33,6 +35,15 @@ fi
 if [ "${1:-}" = "test" ]; then
     shift
     exec "$PYTHON" -m pytest tests "$@"
+fi
+
+if [ "${1:-}" = "cifar" ]; then
+    shift
+    case " $* " in
+        *" --data-dir"*) ;;  # the user's own copy
+        *) [ -f data/cifar10/cifar-10-batches-py/test_batch ] || "$PYTHON" data/cifar10.py ;;
+    esac
+    exec "$PYTHON" train_cifar.py "$@"
 fi
 
 gpus=0
