@@ -39,8 +39,8 @@ class Config:
     widths: tuple = (64, 256, 256)  # the three conv groups
     whiten_eps: float = 5e-4  # added to the patch-covariance eigenvalues
     whiten_images: int = 5000  # training images whose 2x2 patches set the whitening filters
-    whiten_bias_epochs: int = 3  # the whitening bias trains for these epochs only
-    bn_momentum: float = 0.6
+    whiten_bias_epochs: int = 3  # the whitening bias's lr decays to 0 over these epochs, then stays 0
+    bn_momentum: float = 0.6  # running statistics keep this share of themselves at each batch
     bn_eps: float = 1e-12
     crop_pad: int = 2  # random crops of the reflect-padded image shift it by up to this much
     label_smoothing: float = 0.2
@@ -84,17 +84,20 @@ def read_batch(path):
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: not a readable CIFAR-10 batch, truncated or corrupt ({e})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+            MemoryError) as e:
+        raise UserError(f"{path}: not a readable CIFAR-10 batch, truncated or corrupt ({e!r})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise UserError(f"{path}: expected a dict with b'data' and b'labels'")
-    data, labels = batch[b"data"], np.asarray(batch[b"labels"])
+    data = batch[b"data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", type(data).__name__)
         raise UserError(f"{path}: b'data' is {shape} {getattr(data, 'dtype', '')}, expected uint8 (N, 3072)")
-    if labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise UserError(f"{path}: b'labels' should be {len(data)} classes in 0..9, got shape {labels.shape}")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int64)
+    labels = batch[b"labels"]
+    if not (isinstance(labels, list) and len(labels) == len(data)
+            and all(type(label) is int and 0 <= label <= 9 for label in labels)):
+        raise UserError(f"{path}: b'labels' should be a list of {len(data)} integers in 0..9")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels, dtype=np.int64)
 
 
 def load_cifar10(data_dir):
@@ -150,11 +153,12 @@ def epoch_batches(images, labels, first_flips, epoch, cfg, generator):
 
 def whitening_filters(images, eps):
     """2x2 conv filters that whiten the 2x2 patches of `images`: the eigenvectors of the patch
-    covariance scaled by 1/sqrt(eigenvalue + eps), and their negatives (24 filters for 3 channels)."""
+    covariance (second moment: the images are normalised) scaled by 1/sqrt(eigenvalue + eps), and
+    their negatives (24 filters for 3 channels)."""
     c = images.size(1)
     patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # (N, C, H-1, W-1, 2, 2)
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)
-    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
     filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.reshape(c * 4, c, 2, 2)
     return torch.cat((filters, -filters))
 
@@ -163,7 +167,7 @@ class BatchNorm(nn.BatchNorm2d):
     """BatchNorm with its scale frozen at 1: only the bias trains."""
 
     def __init__(self, width, cfg):
-        super().__init__(width, momentum=cfg.bn_momentum, eps=cfg.bn_eps)
+        super().__init__(width, momentum=1 - cfg.bn_momentum, eps=cfg.bn_eps)  # torch's momentum: the new share
         self.weight.requires_grad_(False)
 
 
@@ -192,6 +196,8 @@ class Net(nn.Module):
         widths = (24, *cfg.widths)
         self.groups = nn.Sequential(*(ConvGroup(a, b, cfg) for a, b in zip(widths, widths[1:])))
         self.head = nn.Linear(widths[-1], 10, bias=False)
+        with torch.no_grad():
+            self.head.weight /= self.head.weight.std()  # unit-std weights; the forward divides by the width
 
     def init_whitening(self, images, eps):
         self.whiten.weight.copy_(whitening_filters(images, eps))
@@ -220,10 +226,10 @@ def newton_schulz(G, steps, dtype):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for conv filters: Nesterov momentum, the update orthogonalised as a (out, in*k*k) matrix,
-    then the filter bank renormalised to norm sqrt(out), one unit per filter on average. The
-    BatchNorm after every conv makes the weights' scale irrelevant, so the renormalisation keeps the
-    effective step size what lr says."""
+    """Muon for conv filters: Nesterov momentum, and the update orthogonalised as an (out, in*k*k)
+    matrix. Before each step the filter bank is renormalised to norm sqrt(out), one unit per filter
+    on average: the BatchNorm after every conv makes the weights' scale irrelevant to the function,
+    so this keeps the effective step size what lr says."""
 
     def __init__(self, params, lr, momentum, ns_steps, ns_dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
@@ -234,22 +240,25 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             mu = group["momentum"]
             for p in group["params"]:
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(mu).add_(p.grad)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"].mul_(mu).add_(p.grad)
                 update = newton_schulz(p.grad.add(buf, alpha=mu).flatten(1), group["ns_steps"], self.ns_dtype)
-                p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
                 p.mul_(p.size(0) ** 0.5 / p.norm())
+                p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
 def build_optimizers(model, cfg, device):
     convs = [p for group in model.groups for p in group.parameters() if p.ndim == 4]
     bn_biases = [m.bias for m in model.modules() if isinstance(m, BatchNorm)]
     decay = cfg.weight_decay * cfg.batch_size  # per step, with the summed loss
-    groups = [dict(params=bn_biases, lr=cfg.bias_lr), dict(params=[model.whiten.bias], lr=cfg.bias_lr),
-              dict(params=[model.head.weight], lr=cfg.head_lr)]
+    groups = [dict(params=bn_biases, lr=cfg.bias_lr, name="bn_biases"),
+              dict(params=[model.whiten.bias], lr=cfg.bias_lr, name="whiten_bias"),
+              dict(params=[model.head.weight], lr=cfg.head_lr, name="head")]
     for g in groups:
         g["weight_decay"] = decay / g["lr"]  # SGD decays by lr x weight_decay
-    sgd = torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True)
+    sgd = torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True, fused=device.type == "cuda")
     muon = Muon(convs, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps,
                 ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     for opt in (sgd, muon):
@@ -258,13 +267,21 @@ def build_optimizers(model, cfg, device):
     return sgd, muon
 
 
+def lr_factor(step, total, whiten_bias_steps, group):
+    """Every rate falls linearly to 0 over the run; the whitening bias's over its own first epochs."""
+    if group.get("name") == "whiten_bias":
+        return max(0.0, 1 - step / whiten_bias_steps)
+    return 1 - step / total
+
+
 # ----------------------------------------------------------------------------- training and evaluation
 
 def shift(images, dy, dx):
     """Translate by (dy, dx) pixels, filling from a 1-pixel reflect padding."""
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     size = images.size(-1)
-    return padded[..., 1 - dy:1 - dy + size, 1 - dx:1 - dx + size]
+    view = padded[..., 1 - dy:1 - dy + size, 1 - dx:1 - dx + size]
+    return view.contiguous(memory_format=torch.channels_last)  # the layout the compiled model saw
 
 
 @torch.no_grad()
@@ -310,6 +327,7 @@ def train_run(cfg, data, device, seed, model=None, run_model=None):
     sgd, muon = build_optimizers(model, cfg, device)
     steps_per_epoch = len(train_x) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
+    whiten_bias_steps = cfg.whiten_bias_epochs * steps_per_epoch
     if total == 0:
         raise UserError(f"{len(train_x)} training images make no batch of {cfg.batch_size}")
 
@@ -324,9 +342,7 @@ def train_run(cfg, data, device, seed, model=None, run_model=None):
         for x, y in epoch_batches(train_x, train_y, first_flips, epoch, cfg, generator):
             for opt in (sgd, muon):
                 for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * (1 - step / total)  # linear decay to 0
-            if epoch >= cfg.whiten_bias_epochs:
-                sgd.param_groups[1]["lr"] = 0.0
+                    g["lr"] = g["initial_lr"] * lr_factor(step, total, whiten_bias_steps, g)
             logits = run_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
             loss.backward()
@@ -399,6 +415,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 1
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     run_dir = args.log_dir / (time.strftime("%Y-%m-%d_%H%M%S") + "_" + uuid.uuid4().hex[:8])
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "log.txt"

@@ -449,7 +449,10 @@ class Muon(torch.optim.Optimizer):
                                   device=params[0].device)
             if mine:
                 grads = [p.grad for p in mine]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+                for p in mine:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in mine]
                 torch._foreach_mul_(bufs, mu)
                 torch._foreach_add_(bufs, grads)
                 if group["nesterov"]:

@@ -56,7 +56,11 @@ def _corrupt(tmp_path, name, how):
     ("data_batch_1", {b"data": np.zeros((4, 3072), np.float32), b"labels": [0] * 4},
      r"data_batch_1: b'data' is \(4, 3072\) float32, expected uint8"),
     ("data_batch_5", {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2]},
-     r"data_batch_5: b'labels' should be 4 classes in 0..9"),
+     r"data_batch_5: b'labels' should be a list of 4 integers in 0..9"),
+    ("data_batch_3", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.5, 1]},
+     r"data_batch_3: b'labels' should be a list of 2 integers in 0..9"),
+    ("data_batch_2", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]},
+     r"data_batch_2: b'labels' should be a list of 2 integers in 0..9"),
     ("data_batch_4", [1, 2, 3], r"data_batch_4: expected a dict with b'data' and b'labels'"),
 ])
 def test_bad_batches_name_the_file(tmp_path, name, how, message):
@@ -81,6 +85,18 @@ def test_pickles_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
+class _UnknownCodec:
+    def __reduce__(self):
+        import codecs
+        return (codecs.encode, ("x", "no-such-codec"))  # an allowed global, abused
+
+
+def test_allowed_globals_fail_cleanly(tmp_path):
+    _corrupt(tmp_path, "data_batch_1", {b"data": _UnknownCodec(), b"labels": []})
+    with pytest.raises(tc.UserError, match=r"data_batch_1: not a readable CIFAR-10 batch.*LookupError"):
+        tc.load_cifar10(tmp_path)
+
+
 # ----------------------------------------------------------------------------- augmentation
 
 def test_alternating_flips_show_every_image_both_ways():
@@ -102,21 +118,27 @@ def test_alternating_flips_show_every_image_both_ways():
                 assert label == i % 10
                 seen[i].append(bool(img[1, 0, 0] > 0))  # ramp starts high: flipped
     assert all(sorted(v) == [False, True] for v in seen.values())
-    assert 0 < int(first.sum()) < n  # epoch 0 flips some, not all
+    flipped_first = sum(v[0] for v in seen.values())
+    assert 0 < flipped_first < n  # epoch 0 flips some images, not all
 
 
 def test_random_crops_keep_labels_and_shift_content():
-    n = 64
+    """Channel 0 is the image's id, channel 1 the column and channel 2 the row index: every crop is
+    a shift of up to 2 pixels each way, the two independent, filled by reflection at the edges."""
+    n = 400
     images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone()
-    images[:, 1] = torch.arange(32.0)  # a column index to see the shift
+    images[:, 1] = torch.arange(32.0)
+    images[:, 2] = torch.arange(32.0).view(32, 1)
     labels = torch.arange(n) % 10
-    cfg = tc.Config(batch_size=16, crop_pad=2)
+    cfg = tc.Config(batch_size=100, crop_pad=2)
     g = torch.Generator().manual_seed(0)
     shifts = set()
     for x, y in tc.epoch_batches(images, labels, torch.zeros(n, dtype=torch.bool), 0, cfg, g):
-        assert torch.equal(x[:, 0, 0, 0].long() % 10, y)  # a constant channel survives reflect crops
-        shifts.update((x[:, 1, 5, 10] - 10).long().tolist())
-    assert shifts == {-2, -1, 0, 1, 2}
+        assert torch.equal(x[:, 0, 0, 0].long() % 10, y)  # a constant channel survives the crops
+        dx, dy = x[:, 1, 10, 10] - 10, x[:, 2, 10, 10] - 10  # interior pixel: the shift itself
+        assert torch.equal(x[:, 1, 10, 0], dx.abs()) and torch.equal(x[:, 2, 0, 10], dy.abs())  # reflected edge
+        shifts.update(zip(dy.long().tolist(), dx.long().tolist()))
+    assert shifts == {(a, b) for a in range(-2, 3) for b in range(-2, 3)}
 
 
 # ----------------------------------------------------------------------------- network
@@ -144,6 +166,45 @@ def test_tta_is_invariant_to_flipping_the_input():
     model.init_whitening(images, 5e-4)
     torch.testing.assert_close(tc.predict(model, images), tc.predict(model, images.flip(-1)), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(model(images), model(images.flip(-1)), atol=1e-3)  # the net alone is not
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def test_optimizer_groups_cover_every_trainable_parameter_once():
+    cfg = tc.Config(widths=(8, 16, 16))
+    model = tc.Net(cfg)
+    sgd, muon = tc.build_optimizers(model, cfg, CPU)
+    owned = [p for opt in (sgd, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(map(id, owned)) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert all(p.ndim == 4 for g in muon.param_groups for p in g["params"]) and len(muon.param_groups[0]["params"]) == 6
+    by_name = {g["name"]: g for g in sgd.param_groups}
+    assert by_name["whiten_bias"]["params"] == [model.whiten.bias]
+    for g in sgd.param_groups:  # each step decays by lr x weight_decay = 2e-6 x 2000 = 0.004 at full lr
+        assert g["lr"] * g["weight_decay"] == pytest.approx(0.004)
+
+
+def test_learning_rate_schedules():
+    bias, other = {"name": "whiten_bias"}, {"name": "head"}
+    assert [tc.lr_factor(s, 200, 75, other) for s in (0, 100, 199)] == pytest.approx([1.0, 0.5, 0.005])
+    assert [tc.lr_factor(s, 200, 75, bias) for s in (0, 30, 75, 150)] == pytest.approx([1.0, 0.6, 0.0, 0.0])
+
+
+def test_muon_ignores_the_scale_of_the_filters():
+    """BatchNorm follows every conv, so Muon renormalises before stepping: the same gradient moves a
+    filter bank and a 5x copy of it to the same weights, by an orthogonalised step of size lr."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3)
+    w *= 16 ** 0.5 / w.norm()
+    grad = torch.randn_like(w)
+    params = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(5 * w.clone())]
+    opt = tc.Muon(params, lr=0.1, momentum=0.0, ns_steps=3, ns_dtype=torch.float32)
+    for p in params:
+        p.grad = grad.clone()
+    opt.step()
+    torch.testing.assert_close(params[0], params[1])
+    step = (params[0] - w).flatten(1) / -0.1
+    singular = torch.linalg.svdvals(step)
+    assert singular.min() > 0.3 and singular.max() < 1.3  # three Newton-Schulz steps: roughly orthogonal
 
 
 # ----------------------------------------------------------------------------- training
