@@ -19,7 +19,7 @@ if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d "$SHARED/tiktoken" ]; then
     export TIKTOKEN_CACHE_DIR="$SHARED/tiktoken"
 fi
 
-python_ready() { "$1" -c 'import torch, numpy, tqdm, huggingface_hub, tiktoken, pytest' 2>/dev/null; }
+python_ready() { "$1" -c 'import torch, numpy, tqdm, huggingface_hub, tiktoken, pytest, scipy, matplotlib' 2>/dev/null; }
 
 PYTHON=${PYTHON:-python3}
 if ! python_ready "$PYTHON"; then

@@ -55,8 +55,10 @@ class Config:
     window: int = 1024  # attention reaches back at most this many tokens (Nov-2024 record)
     logit_cap: float = 30.0  # logits = cap * tanh(logits / cap)
     # optimizer: Muon for the matrices inside the blocks, Adam for everything else
+    optimizer: str = "muon"  # or "adamw": AdamW for those matrices too, the baseline Muon is judged against
     steps: int = 1875
-    cooldown_steps: int = 562  # lr is constant, then falls linearly to 0 over the last steps
+    lr_warmup_steps: int = 0  # lr rises linearly from 0 over these steps (none in the record) ...
+    cooldown_steps: int = 562  # ... is constant, then falls linearly to 0 over the last steps
     muon_lr: float = 0.04
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85  # warmed up linearly to muon_momentum ...
@@ -68,6 +70,8 @@ class Config:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-10
+    adamw_lr: float = 0.004  # the matrices' lr under optimizer="adamw" ...
+    weight_decay: float = 0.0  # ... and their decoupled weight decay
     # run
     val_every: int = 125  # also at the last step; 0 = only at the last step
     seed: int = 0
@@ -100,7 +104,7 @@ PRESETS = {
         embed_lr=0.3,
         head_lr=0.016,
         adam_beta1=0.8,
-        val_every=50,
+        val_every=10,  # dense curves for the record plots; validation is not timed
         warmup_steps=2,
     ),
 }
@@ -148,6 +152,10 @@ def validate(cfg, world_size):
         raise UserError(f"val_every must be 0 (last step only) or more, got {cfg.val_every}")
     if not 0 <= cfg.cooldown_steps <= cfg.steps:
         raise UserError(f"cooldown_steps {cfg.cooldown_steps} must lie in [0, steps={cfg.steps}]")
+    if cfg.optimizer not in ("muon", "adamw"):
+        raise UserError(f"optimizer must be muon or adamw, got {cfg.optimizer!r}")
+    if not 0 <= cfg.lr_warmup_steps <= cfg.steps:
+        raise UserError(f"lr_warmup_steps {cfg.lr_warmup_steps} must lie in [0, steps={cfg.steps}]")
     if cfg.dtype not in ("bfloat16", "float32"):
         raise UserError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
 
@@ -476,9 +484,11 @@ class Muon(torch.optim.Optimizer):
 
 
 def lr_factor(step, cfg):
-    """Constant, then a linear cooldown to zero over the last cooldown_steps."""
+    """A linear warm-up over lr_warmup_steps, constant, then a linear cooldown to zero over the
+    last cooldown_steps."""
     left = cfg.steps - step
-    return 1.0 if left >= cfg.cooldown_steps else left / cfg.cooldown_steps
+    factor = 1.0 if left >= cfg.cooldown_steps else left / cfg.cooldown_steps
+    return min(factor, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else factor
 
 
 def muon_momentum(step, cfg):
@@ -489,14 +499,18 @@ def muon_momentum(step, cfg):
 def build_optimizers(model, cfg, rank, world_size, device):
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     scalars = [p for p in model.parameters() if p.ndim < 2]
-    adam = torch.optim.Adam(
-        [dict(params=[model.embed.weight], lr=cfg.embed_lr),
-         dict(params=[model.lm_head.weight], lr=cfg.head_lr),
-         dict(params=scalars, lr=cfg.scalar_lr)],
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=device.type == "cuda")
-    muon = Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum_start, ns_steps=cfg.ns_steps,
-                ns_dtype=getattr(torch, cfg.dtype), rank=rank, world_size=world_size)
-    optimizers = [adam, muon]
+    groups = [dict(params=[model.embed.weight], lr=cfg.embed_lr),
+              dict(params=[model.lm_head.weight], lr=cfg.head_lr),
+              dict(params=scalars, lr=cfg.scalar_lr)]
+    if cfg.optimizer == "adamw":
+        groups.append(dict(params=matrices, lr=cfg.adamw_lr, weight_decay=cfg.weight_decay))
+    # AdamW without weight decay is Adam, step for step: the other groups train as in the record.
+    optimizers = [torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                    weight_decay=0.0, fused=device.type == "cuda")]
+    if cfg.optimizer == "muon":
+        optimizers.append(Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum_start,
+                               ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.dtype), rank=rank,
+                               world_size=world_size))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -560,7 +574,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu")):
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
-        for group in optimizers[1].param_groups:
+        for group in (g for opt in optimizers if isinstance(opt, Muon) for g in opt.param_groups):
             group["momentum"] = muon_momentum(step, cfg)
         loss_sum = torch.zeros((), device=device)
         for i, (x, y) in enumerate(batches):

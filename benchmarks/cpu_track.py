@@ -1,13 +1,17 @@
-"""Benchmark the CPU track: run the cpu-shakespeare preset with several seeds and print the figures.
+"""Run the CPU track with several seeds, for one recipe or several interleaved, and print the figures.
 
-    python benchmarks/cpu_track.py                # 5 runs, logs under logs/benchmarks/
-    python benchmarks/cpu_track.py --runs 3 --out benchmarks/cpu-shakespeare -- --steps=120
+    python benchmarks/cpu_track.py                                   # 5 seeds of the preset
+    python benchmarks/cpu_track.py --runs 8 --arm muon= \\
+        --arm "adamw=--optimizer=adamw --adamw_lr=0.008" --out logs/cpu-track
 
-Each run is `python train_gpt.py --preset cpu-shakespeare --seed=K` in its own process, exactly
-as a user runs it; the figures are read back from the logs it writes. Extra trainer flags go
-after `--`.
+Each run is `python train_gpt.py --preset cpu-shakespeare --seed=K [flags]` in its own process,
+exactly as a user runs it; the figures are read back from the logs, which go to OUT/<arm>/. With
+several arms, seed K of every arm runs before seed K+1 of any, so that a drift in the machine's
+speed (shared hardware) falls on all of them alike. Flags after `--` go to every run. The logs are
+ready for `python -m tools.records submit OUT/<arm> ...`.
 """
 import argparse
+import shlex
 import statistics
 import subprocess
 import sys
@@ -20,30 +24,41 @@ from tools.logs import parse_log  # noqa: E402
 TARGET = 1.88
 
 
+def arm(text):
+    name, sep, flags = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS, got {text!r}")
+    return name, shlex.split(flags)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmarks", help="where the run logs go")
-    parser.add_argument("trainer_args", nargs="*", help="extra flags for train_gpt.py, after --")
+    parser.add_argument("--runs", type=int, default=5, help="seeds 0 .. runs-1")
+    parser.add_argument("--arm", type=arm, action="append", metavar="NAME=FLAGS",
+                        help="a recipe: a name and its trainer flags (default: the preset alone)")
+    parser.add_argument("--out", type=Path, default=ROOT / "logs" / "cpu-track", help="where the run logs go")
+    parser.add_argument("trainer_args", nargs="*", help="flags for every run, after --")
     args = parser.parse_args(argv)
-    rows = []
+    arms = args.arm or [("preset", [])]
+    results = {name: [] for name, _ in arms}
     for seed in range(args.runs):
-        cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset", "cpu-shakespeare", f"--seed={seed}",
-               f"--log_dir={args.out}", *args.trainer_args]
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if result.returncode:
-            sys.exit(f"run {seed} failed:\n{result.stderr[-2000:]}")
-        path = [line[5:] for line in result.stdout.splitlines() if line.startswith("log: ")][-1]
-        last = parse_log(ROOT / path).val[-1]
-        rows.append((seed, last.loss, last.train_time_ms / 1000, last.step_avg_ms, path))
-        print(f"seed {seed}: val_loss {last.loss:.4f}  train_time {last.train_time_ms / 1000:.2f}s  "
-              f"step_avg {last.step_avg_ms:.2f}ms  {path}", flush=True)
-    losses, times = [r[1] for r in rows], [r[2] for r in rows]
+        for name, flags in arms:
+            cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset", "cpu-shakespeare", f"--seed={seed}",
+                   f"--log_dir={args.out / name}", *args.trainer_args, *flags]
+            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if result.returncode:
+                sys.exit(f"{name} seed {seed} failed:\n{result.stderr[-2000:]}")
+            path = [line[5:] for line in result.stdout.splitlines() if line.startswith("log: ")][-1]
+            last = parse_log(ROOT / path).val[-1]
+            results[name].append((last.loss, last.train_time_ms / 1000))
+            print(f"{name} seed {seed}: val_loss {last.loss:.4f}  train_time {last.train_time_ms / 1000:.2f}s  "
+                  f"{path}", flush=True)
     spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
-    print(f"val_loss  mean {statistics.mean(losses):.4f}  std {spread(losses):.4f}  "
-          f"max {max(losses):.4f}  runs <= {TARGET}: {sum(x <= TARGET for x in losses)}/{len(losses)}")
-    print(f"train_time  mean {statistics.mean(times):.2f}s  std {spread(times):.2f}s  "
-          f"min {min(times):.2f}s  max {max(times):.2f}s")
+    for name, rows in results.items():
+        losses, times = [r[0] for r in rows], [r[1] for r in rows]
+        print(f"{name}: val_loss mean {statistics.mean(losses):.4f} std {spread(losses):.4f} "
+              f"max {max(losses):.4f}, runs <= {TARGET}: {sum(x <= TARGET for x in losses)}/{len(losses)}; "
+              f"train_time mean {statistics.mean(times):.2f}s std {spread(times):.2f}s")
 
 
 if __name__ == "__main__":

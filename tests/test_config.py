@@ -40,6 +40,8 @@ def test_batch_must_divide_among_processes():
     (dict(cooldown_steps=5000), r"cooldown_steps 5000 must lie in \[0, steps=1875\]"),
     (dict(steps=0, cooldown_steps=0), "steps must be at least 1"),
     (dict(dtype="float16"), "dtype must be bfloat16 or float32"),
+    (dict(optimizer="sgd"), "optimizer must be muon or adamw, got 'sgd'"),
+    (dict(lr_warmup_steps=-1), r"lr_warmup_steps -1 must lie in \[0, steps=1875\]"),
 ])
 def test_inconsistent_settings(change, message):
     with pytest.raises(UserError, match=message):

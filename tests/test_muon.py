@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from train_gpt import PRESETS, Muon, lr_factor, muon_momentum, newton_schulz
+from train_gpt import GPT, PRESETS, Muon, build_optimizers, lr_factor, muon_momentum, newton_schulz
 
 
 def with_spectrum(rows, cols, singular_values, seed=0):
@@ -71,3 +71,20 @@ def test_schedules():
     assert [lr_factor(s, cfg) for s in (0, 60, 80, 100)] == [1.0, 1.0, 0.5, 0.0]
     assert muon_momentum(0, cfg) == 0.85 and muon_momentum(5, cfg) == pytest.approx(0.90)
     assert muon_momentum(10, cfg) == muon_momentum(99, cfg) == 0.95
+    warm = dataclasses.replace(cfg, lr_warmup_steps=4)
+    assert [lr_factor(s, warm) for s in (0, 1, 3, 60, 80, 100)] == [0.25, 0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_adamw_baseline_takes_the_matrices():
+    """optimizer=adamw: one AdamW, whose extra group holds exactly the matrices Muon would train,
+    with their own lr and weight decay; embedding, head and scalars keep their settings and no decay."""
+    cfg = dataclasses.replace(PRESETS["cpu-shakespeare"], n_layer=2, model_dim=32, head_dim=16, weight_decay=0.1)
+    model = GPT(cfg)
+    (muon_adam, muon) = build_optimizers(model, cfg, 0, 1, torch.device("cpu"))
+    (adamw,) = build_optimizers(model, dataclasses.replace(cfg, optimizer="adamw"), 0, 1, torch.device("cpu"))
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    ids = lambda groups: [[id(p) for p in g["params"]] for g in groups]
+    assert ids(adamw.param_groups[:3]) == ids(muon_adam.param_groups)
+    assert sorted(ids(adamw.param_groups[3:])[0]) == sorted(sum(ids(muon.param_groups), []))
+    assert [(g["lr"], g["weight_decay"]) for g in adamw.param_groups] == [
+        (cfg.embed_lr, 0.0), (cfg.head_lr, 0.0), (cfg.scalar_lr, 0.0), (cfg.adamw_lr, 0.1)]

@@ -1,10 +1,14 @@
-"""Read training logs: ours (logs/<run>/log.txt) and the public speedrun's, which share a format.
+"""Read training logs: ours (train_gpt.py, train_cifar.py) and the public speedrun's.
 
 A log is sections separated by lines of 100 '=': the trainer's source first, then whatever the
-trainer reports about its environment, then step lines such as
+trainer reports about its environment, then its progress. GPT logs (ours and the public ones) have
+step lines such as
     step:125/1875 val_loss:4.4043 train_time:14281ms step_avg:114.25ms
     step:14/1875 train_loss:6.3346 train_time:602ms step_avg:43.00ms
-Our logs also carry a JSON section with the preset and the full config.
+and CIFAR logs hold several runs each, as
+    run:2/5 epoch:8/8 train_loss:0.9981 train_acc:0.9733
+    run:2/5 test_acc:0.9412 time:3.021s
+Our logs also carry a JSON section with the full config.
 """
 import json
 import re
@@ -13,6 +17,9 @@ from pathlib import Path
 
 SEPARATOR = "=" * 100
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms")
+EPOCH_LINE = re.compile(r"run:(\d+)/(\d+) epoch:(\d+)/(\d+) train_loss:(\S+) train_acc:(\S+)")
+TEST_LINE = re.compile(r"run:(\d+)/(\d+) test_acc:(\S+) time:(\S+)s")
+GPU_LINE = re.compile(r"\|\s+\d+\s+(NVIDIA .+?)\s+(?:On|Off)\s+\|")  # a GPU's row in nvidia-smi's table
 
 
 @dataclass
@@ -41,6 +48,26 @@ class RunLog:
     def train(self):
         return [s for s in self.steps if s.kind == "train_loss"]
 
+    @property
+    def environment(self):
+        return self.sections[0] if self.sections else ""
+
+    @property
+    def hardware(self):
+        """'8x NVIDIA H100 80GB HBM3' from nvidia-smi's table, or our 'cpu: ...' line up to the thread count."""
+        gpus = GPU_LINE.findall(self.environment)
+        if gpus:
+            return " + ".join(f"{gpus.count(name)}x {name}" for name in dict.fromkeys(gpus))
+        for line in self.environment.splitlines():
+            if line.startswith("cpu: "):
+                return line[5:].split(", torch threads")[0]
+        return "unknown"
+
+    @property
+    def software(self):
+        """The first line of the environment section: python, torch and cuda versions."""
+        return self.environment.strip().splitlines()[0] if self.environment.strip() else "unknown"
+
 
 def parse_step(line):
     """A Step from one log line, or None when the line is not a step line."""
@@ -67,3 +94,50 @@ def parse_log(path):
                 pass
     log.steps = [s for section in sections for s in map(parse_step, section.splitlines()) if s]
     return log
+
+
+@dataclass
+class Run:
+    """One training run's outcome. A GPT log holds one run; a CIFAR log holds several."""
+    log: RunLog
+    index: int  # 1-based position in its log
+    kind: str  # "gpt" or "cifar"
+    result: float  # the final val loss, or the test accuracy in percent
+    time_s: float  # train time
+    steps: int  # optimizer steps (GPT) or epochs (CIFAR)
+    seed: object  # an int, or None when the log does not say (public logs)
+    curve: list  # (step, train seconds, val loss) for GPT; (epoch, None, train loss) for CIFAR
+
+    @property
+    def name(self):
+        stem = self.log.path.parent.name if self.log.path.name == "log.txt" else self.log.path.stem
+        return stem if self.kind == "gpt" else f"{stem} run {self.index}"
+
+
+def runs_from_log(log):
+    """The finished runs of a log; ValueError, naming the file, for a run that did not finish."""
+    lines = [line.strip() for section in log.sections for line in section.splitlines()]
+    tests = [m.groups() for m in map(TEST_LINE.fullmatch, lines) if m]
+    if tests:
+        epochs = [m.groups() for m in map(EPOCH_LINE.fullmatch, lines) if m]
+        declared = max(int(total) for _, total, *_ in tests + epochs)
+        done = {int(k): (float(acc), float(seconds)) for k, _, acc, seconds in tests}
+        missing = [k for k in range(1, declared + 1) if k not in done]
+        if missing:
+            raise ValueError(f"{log.path}: run {missing[0]}/{declared} has no test_acc line: it did not finish")
+        seed = log.config.get("seed")
+        runs = []
+        for k, (acc, seconds) in sorted(done.items()):
+            curve = [(int(e), None, float(loss)) for run, _, e, _, loss, _ in epochs if int(run) == k]
+            runs.append(Run(log, k, "cifar", 100 * acc, seconds, len(curve),
+                            None if seed is None else seed + k - 1, curve))
+        return runs
+    if not log.val:
+        raise ValueError(f"{log.path}: no val_loss step line and no test_acc run line: not a finished run")
+    last = log.val[-1]
+    if last.step != last.total:
+        raise ValueError(f"{log.path}: the last val_loss is at step {last.step} of {last.total}: "
+                         f"the run did not finish")
+    curve = [(s.step, s.train_time_ms / 1000, s.loss) for s in log.val]
+    seed = log.config.get("config", {}).get("seed")
+    return [Run(log, 1, "gpt", last.loss, last.train_time_ms / 1000, last.step, seed, curve)]
