@@ -428,7 +428,7 @@ def main(argv=None):
             f.write(text + "\n")
 
     log(Path(__file__).read_text().rstrip("\n"), echo=False)
-    header = {"device": str(device), "argv": sys.argv, "runs": args.runs, "seed": args.seed,
+    header = {"device": str(device), "argv": sys.argv if argv is None else [sys.argv[0], *argv], "runs": args.runs, "seed": args.seed,
               "data_dir": str(args.data_dir), "config": dataclasses.asdict(cfg)}
     for text in (environment_report(device), json.dumps(header, indent=2)):
         log(SEPARATOR, echo=False)

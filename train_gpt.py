@@ -695,7 +695,7 @@ def main(argv=None):
             print(f"log: {log.path}", flush=True)
             log(Path(__file__).read_text().rstrip("\n"), echo=False)
             header = {"preset": preset, "world_size": world_size, "device": str(device),
-                      "argv": sys.argv, "config": dataclasses.asdict(cfg)}
+                      "argv": sys.argv if argv is None else [sys.argv[0], *argv], "config": dataclasses.asdict(cfg)}
             for text in (environment_report(device), json.dumps(header, indent=2)):
                 log(SEPARATOR, echo=False)
                 log(text)

@@ -188,6 +188,7 @@ def test_submit_writes_the_record(tiny_logs, tmp_path, readme):
     text = (directory / "README.md").read_text()
     assert f"**{mean:.4f}**" in text and f"| std | {std:.4f} |" in text and f"p = {p:.3g}" in text
     assert "a tiny model, for the test" in text and "cores" in text
+    assert "\npython train_gpt.py --preset cpu-shakespeare '--train_files=" in text and "log_dir" not in text
     assert json.loads((directory / "record.json").read_text())["target"] == 5.0
     table = readme.read_text()
     assert f"| 1 | {records.format_time(np.mean([r.time_s for r in runs]))} | {mean:.4f} | 3 | a tiny model" in table
@@ -211,8 +212,18 @@ def test_submit_refuses_what_is_no_record(tiny_logs, tmp_path, readme):
     kwargs = dict(records=tmp_path / "records", readme=readme)
     with pytest.raises(records.RecordError, match="miss the target"):
         records.submit(tiny_logs, "cpu", "Short", "x", target=1.0, **kwargs)
-    with pytest.raises(records.RecordError, match="seed .* more than one run"):
-        records.submit([tiny_logs[0], tiny_logs[0], tiny_logs[1]], "cpu", "Twice", "x", target=5.0, **kwargs)
+    again = tmp_path / "again" / "log.txt"  # the same run under another name
+    again.parent.mkdir()
+    shutil.copyfile(tiny_logs[0], again)
+    with pytest.raises(records.RecordError, match="seed 0 appears in more than one run"):
+        records.submit([*tiny_logs, again], "cpu", "Twice", "x", target=5.0, **kwargs)
+    with pytest.raises(records.RecordError, match="at least 2 runs"):  # one log, given twice, is one run
+        records.submit([tiny_logs[0], tiny_logs[0].parent], "cpu", "Once", "x", target=5.0, **kwargs)
+    other = tmp_path / "other" / "log.txt"
+    other.parent.mkdir()
+    other.write_text(tiny_logs[1].read_text().replace('"model_dim": 32', '"model_dim": 48'))
+    with pytest.raises(records.RecordError, match="differ in config.model_dim: a record is one config"):
+        records.submit([tiny_logs[0], other], "cpu", "Mixed", "x", target=5.0, **kwargs)
     with pytest.raises(records.RecordError, match="not gpt"):
         records.submit(tiny_logs, "gpt", "Wrong", "x", target=5.0, **kwargs)
     with pytest.raises(records.RecordError, match="letters, digits and dashes"):
@@ -230,7 +241,7 @@ def test_reproduce_a_tiny_record(tiny_logs, tmp_path, readme):
     first = records.load_runs([directory])[0]
     assert new.result == first.result and new.seed == first.seed  # CPU runs are deterministic
     assert new.log.source == first.log.source and new.log.path.is_relative_to(tmp_path / "rerun")
-    assert "(identical)" in said[1] and "within 2 std" in said[2]
+    assert "(identical)" in said[1] and said[2].endswith(": within 2 std of the record")
     assert not any(line.startswith("note:") for line in said)
 
     log = directory / f"{first.name}.txt"  # pretend the record was made elsewhere
@@ -238,3 +249,10 @@ def test_reproduce_a_tiny_record(tiny_logs, tmp_path, readme):
     said.clear()
     records.reproduce(directory, n_runs=1, out=tmp_path / "rerun", say=said.append)
     assert said[-1].startswith("note: this machine") and "Another CPU, 64 cores" in said[-1]
+
+
+def test_cifar_rerun_command(tmp_path):
+    run = records.load_runs([cifar_log(tmp_path / "cifar.txt")])[1]
+    cmd = records.reproduce_command(run, tmp_path / "train_cifar.py", tmp_path / "out")
+    assert cmd[1:] == [str(tmp_path / "train_cifar.py"), "--runs", "3", "--runs", "1", "--seed", "6",
+                       "--data-dir", "data/cifar10", "--log-dir", str(tmp_path / "out")]

@@ -16,7 +16,9 @@ top-level README.md are made from them.
 import argparse
 import json
 import math
+import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -68,14 +70,21 @@ def find_logs(path):
     return logs
 
 
-def load_runs(paths):
-    runs = []
+def load_runs(paths, strict=True):
+    """The finished runs in these logs and directories, each log once. An unfinished or unreadable
+    log is an error; with strict=False, one found by searching a directory is skipped with a warning."""
+    runs, seen = [], set()
     for path in paths:
         for file in find_logs(path):
+            if file.resolve() in seen:
+                continue
+            seen.add(file.resolve())
             try:
                 runs += runs_from_log(parse_log(file))
             except (ValueError, UnicodeDecodeError) as e:
-                raise RecordError(str(e)) from None
+                if strict or file == Path(path):
+                    raise RecordError(str(e)) from None
+                print(f"warning: skipped {e}", file=sys.stderr)
     return runs
 
 
@@ -83,7 +92,8 @@ def track_of(run):
     """cifar for CIFAR logs, cpu for GPT logs trained on tiny Shakespeare, gpt otherwise (public logs too)."""
     if run.kind == "cifar":
         return "cifar"
-    return "cpu" if "shakespeare" in run.log.config.get("config", {}).get("val_files", "") else "gpt"
+    val_files = run.log.config.get("config", {}).get("val_files", "")  # the data, not the preset's name
+    return "cpu" if "shakespeare" in val_files else "gpt"
 
 
 def one_track(runs, track=None):
@@ -103,9 +113,11 @@ def significance(values, target, lower_is_better=True):
     from scipy import stats
     if len(values) < 2:
         raise RecordError(f"a t-test needs at least 2 runs, got {len(values)}")
-    if statistics.stdev(values) == 0:  # no spread: the test degenerates to which side the value lies on
+    if statistics.stdev(values) == 0:  # no spread: all that is left is which side of the target
         beyond = values[0] < target if lower_is_better else values[0] > target
-        return (-math.inf if lower_is_better else math.inf) if beyond else math.nan, 0.0 if beyond else 1.0
+        if not beyond:
+            return math.nan, 1.0
+        return (-math.inf if lower_is_better else math.inf), 0.0
     result = stats.ttest_1samp(values, target, alternative="less" if lower_is_better else "greater")
     return float(result.statistic), float(result.pvalue)
 
@@ -132,7 +144,8 @@ def summary_table(runs, track):
                      f"{'-' if r.seed is None else r.seed}")
     (mean, std), (tmean, tstd) = describe([r.result for r in runs]), describe([r.time_s for r in runs])
     lines.append(f"{f'mean of {len(runs)}':<{width}}{mean:>10.4f}{format_time(tmean):>13}")
-    lines.append(f"{'std':<{width}}{std:>10.4f}{format_time(tstd):>13}")
+    if len(runs) > 1:
+        lines.append(f"{'std':<{width}}{std:>10.4f}{format_time(tstd):>13}")
     return "\n".join(lines)
 
 
@@ -149,7 +162,7 @@ def significance_line(runs, track, target):
 # ----------------------------------------------------------------------------- plots
 
 def group_label(path):
-    path = Path(path)
+    path = Path(path).resolve()
     name = path.parent.name if path.name == "log.txt" else path.name
     return re.sub(r"^\d{4}-\d{2}-\d{2}_", "", name) if (path / "record.json").exists() else name
 
@@ -173,7 +186,10 @@ def plot(groups, out, target=None):
         cmap = plt.get_cmap(colormaps[g % len(colormaps)])
         for i, r in enumerate(runs):
             color = cmap(0.45 + 0.5 * i / max(len(runs) - 1, 1))
-            name = f"{label}: " + (f"seed {r.seed}" if r.seed is not None else r.name)
+            if len(groups) == 1:  # one record: tell its runs apart; several: tell the records apart
+                name = f"{label}: " + (f"seed {r.seed}" if r.seed is not None else r.name)
+            else:
+                name = f"{label} ({len(runs)} runs)" if i == 0 else None
             xs = [c[0] for c in r.curve]
             ys = [c[2] for c in r.curve]
             by_step.plot(xs, ys, color=color, lw=1.2, label=name, marker="." if len(xs) < 30 else None)
@@ -232,9 +248,17 @@ def check_record(runs, track, target):
         groups = "; ".join(", ".join(names) for names in by_source.values())
         raise RecordError(f"the logs come from {len(sources)} different versions of the source code "
                           f"({groups}): a record is one version of the code")
-    configs = {json.dumps(comparable_config(r), sort_keys=True) for r in runs}
-    if len(configs) > 1:
-        raise RecordError("the logs differ in config beyond the seed: a record is one config")
+    first = flatten(comparable_config(runs[0]))
+    for r in runs[1:]:
+        other = flatten(comparable_config(r))
+        differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differ:
+            raise RecordError(f"{runs[0].log.path.name} and {r.log.path.name} differ in {', '.join(differ)}: "
+                              f"a record is one config (only seeds and paths may vary)")
+    hardware = sorted({r.log.hardware for r in runs})
+    if len(hardware) > 1:
+        raise RecordError(f"the runs ran on different hardware ({'; '.join(hardware)}): their times do not "
+                          f"compare")
     seeds = [r.seed for r in runs if r.seed is not None]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
@@ -247,11 +271,25 @@ def check_record(runs, track, target):
     return t, p
 
 
+def flatten(header):
+    return {**{k: v for k, v in header.items() if k != "config"},
+            **{f"config.{k}": v for k, v in header.get("config", {}).items()}}
+
+
 def trainer_command(run, track):
-    """The command that reproduces a run, from the argv its log records."""
-    argv = run.log.config.get("argv") or []
-    flags = [a for a in argv[1:] if not a.startswith(("--log_dir", "--log-dir"))]
-    return " ".join(["python", track.trainer, *flags])
+    """The command line of a run, from the argv its log records, without its log directory."""
+    argv, flags = run.log.config.get("argv") or [], []
+    skip = False
+    for a in argv[1:]:
+        if skip or a.startswith(("--log_dir=", "--log-dir=")):
+            skip = False
+        elif a in ("--log_dir", "--log-dir"):
+            skip = True
+        else:
+            flags.append(a)
+    world_size = run.log.config.get("world_size", 1)
+    launch = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
+    return shlex.join([*launch, track.trainer, *flags])
 
 
 def record_readme(name, date, track_name, track, description, runs, t, p, target):
@@ -304,6 +342,7 @@ def submit(paths, track_name, name, description, date=None, records=RECORDS, rea
            target=None):
     if not RECORD_NAME.fullmatch(name):
         raise RecordError(f"record name {name!r}: use letters, digits and dashes, like MuonWarmup")
+    check_markers(readme)
     track = TRACKS[track_name]
     target = track.target if target is None else target
     runs = load_runs(paths)
@@ -344,6 +383,14 @@ def table_markers(track_name):
     return f"<!-- records:{track_name} -->", f"<!-- /records:{track_name} -->"
 
 
+def check_markers(readme):
+    text = Path(readme).read_text()
+    for track_name in TRACKS:
+        start, end = table_markers(track_name)
+        if start not in text or end not in text:
+            raise RecordError(f"{readme}: no '{start}' ... '{end}' markers for the {track_name} table")
+
+
 def track_table(records, track_name, readme_dir):
     track = TRACKS[track_name]
     entries = []
@@ -357,20 +404,20 @@ def track_table(records, track_name, readme_dir):
     lines = [f"| # | train time | {result_name(track)} | runs | description | date | record |",
              "|---|---|---|---|---|---|---|"]
     for rank, (seconds, result, n, meta, directory) in enumerate(sorted(entries, key=lambda e: e[0]), 1):
-        link = directory.resolve().relative_to(Path(readme_dir).resolve())
-        lines.append(f"| {rank} | {format_time(seconds)} | {result:.4f} | {n} | {meta['description'].split(chr(10))[0]} "
-                     f"| {meta['date']} | [{meta['name']}]({link.as_posix()}/) |")
+        link = Path(os.path.relpath(directory, readme_dir)).as_posix()
+        description = meta["description"].splitlines()[0].replace("|", "\\|")
+        lines.append(f"| {rank} | {format_time(seconds)} | {result:.4f} | {n} | {description} "
+                     f"| {meta['date']} | [{meta['name']}]({link}/) |")
     return "\n".join(lines)
 
 
 def update_tables(records=RECORDS, readme=ROOT / "README.md"):
     """Rewrite each track's table between its markers in README.md, ranked by mean train time."""
     readme = Path(readme)
+    check_markers(readme)
     text = readme.read_text()
     for track_name in TRACKS:
         start, end = table_markers(track_name)
-        if start not in text or end not in text:
-            raise RecordError(f"{readme}: no '{start}' ... '{end}' markers for the {track_name} table")
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{start}\n{track_table(records, track_name, readme.parent)}\n{end}{tail}"
@@ -382,20 +429,13 @@ def update_tables(records=RECORDS, readme=ROOT / "README.md"):
 def reproduce_command(run, source_file, log_dir):
     """The command line that reruns `run` from the source extracted into source_file."""
     header = run.log.config
-    if run.kind == "cifar":
-        argv = [a for a in header.get("argv", [])[1:]]
-        cleaned, skip = [], False
-        for a in argv:  # drop the options the reproduction sets itself
-            if skip:
-                skip = False
-            elif a in ("--log-dir", "--runs", "--seed"):
-                skip = True
-            elif not a.startswith(("--log-dir=", "--runs=", "--seed=")):
-                cleaned.append(a)
-        return [sys.executable, str(source_file), *cleaned, "--runs", "1", "--seed", str(run.seed),
+    if run.kind == "cifar":  # the run's own flags, then ours: argparse keeps the last of each
+        if run.seed is None:
+            raise RecordError(f"{run.log.path}: the log records no seed")
+        return [sys.executable, str(source_file), *header.get("argv", [])[1:], "--runs", "1",
+                "--seed", str(run.seed), "--data-dir", header.get("data_dir", str(ROOT / "data" / "cifar10")),
                 "--log-dir", str(log_dir)]
-    cfg = dict(header["config"], log_dir=str(log_dir))
-    flags = [f"--{k}={v}" for k, v in cfg.items()]
+    flags = [f"--{k}={v}" for k, v in dict(header["config"], log_dir=str(log_dir)).items()]
     cmd = [str(source_file), "--preset", header["preset"], *flags]
     if header.get("world_size", 1) > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -404,16 +444,25 @@ def reproduce_command(run, source_file, log_dir):
 
 
 def reproduce(record, n_runs=1, out=ROOT / "logs" / "reproduce", say=print):
-    """Rerun the first n_runs runs of a record from the source in its logs; return the new runs."""
+    """Rerun the first n_runs runs (seeds) of a record from the source in its logs, compare the
+    results with the record's, and return the new runs."""
     record = Path(record)
     runs = load_runs([record])
     track = one_track(runs)
+    if not 1 <= n_runs <= len(runs):
+        raise RecordError(f"--runs must lie in [1, {len(runs)}], the record's runs")
     if not all(r.log.config for r in runs):
         raise RecordError(f"{record}: these logs carry no config (the public format): rerun them by hand")
-    if "cuda" in str(runs[0].log.config.get("device", "")):
+    device = str(runs[0].log.config.get("device", "cpu"))
+    env = dict(os.environ)
+    if device.startswith("cuda"):
         import torch
-        if not torch.cuda.is_available():
-            raise RecordError(f"{record} ran on CUDA ({runs[0].log.hardware}); this machine has no GPU")
+        needed = runs[0].log.config.get("world_size", 1)
+        if torch.cuda.device_count() < needed:
+            raise RecordError(f"{record} ran on {runs[0].log.hardware} with {needed} process(es); this machine "
+                              f"has {torch.cuda.device_count()} GPU(s)")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU record reruns on the CPU, even where there are GPUs
     log_dir = Path(out) / record.name
     new_runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -421,26 +470,25 @@ def reproduce(record, n_runs=1, out=ROOT / "logs" / "reproduce", say=print):
             source_file = Path(tmp) / track.trainer
             source_file.write_text(run.log.source + "\n")
             cmd = reproduce_command(run, source_file, log_dir)
-            say(f"reproducing {run.name} (seed {run.seed}): {' '.join(cmd)}")
-            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if result.returncode:
-                raise RecordError(f"the rerun of {run.name} failed:\n{result.stderr[-3000:]}")
+            say(f"reproducing {run.name} (seed {run.seed}): {shlex.join(cmd)}")
+            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
             paths = [line[5:] for line in result.stdout.splitlines() if line.startswith("log: ")]
-            new = [r for r in load_runs([ROOT / paths[-1]])]
+            if result.returncode or not paths:
+                raise RecordError(f"the rerun of {run.name} failed:\n{(result.stderr or result.stdout)[-3000:]}")
+            new = load_runs([ROOT / paths[-1]])
+            if new[0].log.source != run.log.source:
+                raise RecordError(f"{new[0].log.path} logged a different source from the record's")
             new_runs += new
             for r in new:
-                if r.log.source != run.log.source:
-                    raise RecordError(f"{r.log.path} logged a different source from the record's")
                 same = "identical" if r.result == run.result else f"recorded {run.result:.4f}"
                 say(f"  {track.metric} {r.result:.4f} ({same}), train time {format_time(r.time_s)} "
                     f"(recorded {format_time(run.time_s)}); log {r.log.path}")
     mean, std = describe([r.result for r in runs])
     new_mean = statistics.mean(r.result for r in new_runs)
     gap = new_mean - mean
-    within = std > 0 and abs(gap) <= 2 * std
+    verdict = "within 2 std of the record" if abs(gap) <= 2 * std else "NOT within 2 std of the record"
     say(f"new mean {track.metric} {new_mean:.4f} over {len(new_runs)} run(s); the record's: {mean:.4f} ± {std:.4f} "
-        f"over {len(runs)} runs; difference {gap:+.4f}" + (f" = {gap / std:+.2f} std" if std else "") +
-        (": within 2 std" if within else ": NOT within 2 std of the record"))
+        f"over {len(runs)} runs; difference {gap:+.4f}: {verdict}")
     recorded_hw, new_hw = {r.log.hardware for r in runs}, {r.log.hardware for r in new_runs}
     if recorded_hw != new_hw:
         say(f"note: this machine ({', '.join(sorted(new_hw))}) is not the record's "
@@ -467,7 +515,6 @@ def main(argv=None):
     p.add_argument("--track", choices=sorted(TRACKS), required=True)
     p.add_argument("--name", required=True, help="short, in CamelCase: MuonWarmup")
     p.add_argument("--description", required=True, help="what changed, in one line")
-    p.add_argument("--target", type=float)
     p = sub.add_parser("reproduce", help="rerun a record from the source in its logs and compare")
     p.add_argument("record", type=Path)
     p.add_argument("--runs", type=int, default=1, help="how many of the record's runs (seeds) to rerun")
@@ -475,19 +522,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "summarize":
-            runs = load_runs(args.paths)
+            runs = load_runs(args.paths, strict=False)
             print(summary_table(runs, one_track(runs)))
         elif args.command == "significance":
-            runs = load_runs(args.paths)
+            runs = load_runs(args.paths, strict=False)
             track = one_track(runs)
             print(significance_line(runs, track, track.target if args.target is None else args.target))
         elif args.command == "plot":
-            groups = [(group_label(p), load_runs([p])) for p in args.paths]
+            groups = [(group_label(p), load_runs([p], strict=False)) for p in args.paths]
             track = one_track([r for _, runs in groups for r in runs])
             plot(groups, args.out, track.target if args.target is None else args.target)
             print(f"wrote {args.out}")
         elif args.command == "submit":
-            directory = submit(args.paths, args.track, args.name, args.description, target=args.target)
+            directory = submit(args.paths, args.track, args.name, args.description)
             print(f"wrote {directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory}; "
                   f"README.md's {args.track} table updated")
         elif args.command == "reproduce":
