@@ -1,7 +1,9 @@
 """Grid-search train_gpt.py flags and print the final val loss of every combination, best first.
 
-    python benchmarks/sweep.py --grid adamw_lr=0.002,0.004 --grid cooldown_steps=75,150 \\
+    python benchmarks/sweep.py --grid adamw_lr=0.002,0.004 --grid steps:cooldown_steps=150:75,300:150 \\
         --seeds 0 1 --out benchmarks/adamw-sweep/lr.txt -- --optimizer=adamw
+
+Keys joined by ':' move together (above: 150 steps with a cooldown of 75, or 300 with 150).
 
 Each combination and seed runs `python train_gpt.py --preset cpu-shakespeare ...` in its own
 process; the figures are read back from the logs it writes (under logs/sweeps/). The table is
@@ -20,10 +22,12 @@ from tools.logs import parse_log  # noqa: E402
 
 
 def grid_axis(text):
+    """'a:b=1:2,3:4' -> (['a', 'b'], [['1', '2'], ['3', '4']])"""
     key, sep, values = text.partition("=")
-    if not sep or not values:
-        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,..., got {text!r}")
-    return key, values.split(",")
+    keys, points = key.split(":"), [v.split(":") for v in values.split(",")]
+    if not sep or not values or any(len(p) != len(keys) for p in points):
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,... or KEY1:KEY2=A1:A2,B1:B2,..., got {text!r}")
+    return keys, points
 
 
 def main(argv=None):
@@ -42,11 +46,12 @@ def main(argv=None):
             out.write(text + "\n")
             out.flush()
 
-    keys = [k for k, _ in args.grid]
+    keys = [k for axis, _ in args.grid for k in axis]
     say(f"sweep over {' x '.join(keys) or 'nothing'}, seeds {args.seeds}, preset {args.preset}, "
         f"fixed flags: {' '.join(args.trainer_args) or 'none'}")
     rows = []
-    for values in itertools.product(*(v for _, v in args.grid)):
+    for point in itertools.product(*(v for _, v in args.grid)):
+        values = [v for linked in point for v in linked]
         flags = [f"--{k}={v}" for k, v in zip(keys, values)]
         losses, times = [], []
         for seed in args.seeds:
