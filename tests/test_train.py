@@ -52,7 +52,7 @@ def test_accumulated_gradient_is_the_batch_gradient(char_shards, tmp_path, monke
     Compared at the second step: at the first, the zero-initialised head and output projections
     leave every weight but the head with an exactly zero gradient."""
     seen = []
-    for opt_class in (train_gpt.Muon, torch.optim.Adam):
+    for opt_class in (train_gpt.Muon, torch.optim.AdamW):
         def record(self, original=opt_class.step):
             seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
             return original(self)
