@@ -19,7 +19,7 @@ def tiny_logs(char_shards, tmp_path_factory):
     cfg = tiny_config(char_shards, tmp, steps=8, cooldown_steps=4, val_every=4)
     for seed in range(3):
         assert train_gpt.main(["--preset", "cpu-shakespeare", *config_args(cfg), f"--seed={seed}"]) == 0
-    return sorted((tmp / "logs").glob("*/log.txt"))
+    return sorted((tmp / "logs").glob("*/log.txt"), key=lambda p: parse_log(p).config["config"]["seed"])
 
 
 @pytest.fixture
@@ -215,7 +215,8 @@ def test_submit_refuses_what_is_no_record(tiny_logs, tmp_path, readme):
     again = tmp_path / "again" / "log.txt"  # the same run under another name
     again.parent.mkdir()
     shutil.copyfile(tiny_logs[0], again)
-    with pytest.raises(records.RecordError, match="seed 0 appears in more than one run"):
+    seed = records.load_runs([again])[0].seed
+    with pytest.raises(records.RecordError, match=f"seed {seed} appears in more than one run"):
         records.submit([*tiny_logs, again], "cpu", "Twice", "x", target=5.0, **kwargs)
     with pytest.raises(records.RecordError, match="at least 2 runs"):  # one log, given twice, is one run
         records.submit([tiny_logs[0], tiny_logs[0].parent], "cpu", "Once", "x", target=5.0, **kwargs)
