@@ -15,7 +15,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tools.logs import parse_log  # noqa: E402
+from tools.logs import parse_log, printed_log_path  # noqa: E402
 from train_gpt import write_shard  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main(argv=None):
                             cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         sys.exit(result.stderr[-2000:])
-    path = [line[5:] for line in result.stdout.splitlines() if line.startswith("log: ")][-1]
+    path = printed_log_path(result.stdout)
     print(f"in-order train split: final val_loss {parse_log(ROOT / path).val[-1].loss:.4f}  ({path})")
 
 

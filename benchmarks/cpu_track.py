@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tools.logs import parse_log  # noqa: E402
+from tools.logs import parse_log, printed_log_path  # noqa: E402
 
 TARGET = 1.88
 
@@ -48,7 +48,7 @@ def main(argv=None):
             result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if result.returncode:
                 sys.exit(f"{name} seed {seed} failed:\n{result.stderr[-2000:]}")
-            path = [line[5:] for line in result.stdout.splitlines() if line.startswith("log: ")][-1]
+            path = printed_log_path(result.stdout)
             last = parse_log(ROOT / path).val[-1]
             results[name].append((last.loss, last.train_time_ms / 1000))
             print(f"{name} seed {seed}: val_loss {last.loss:.4f}  train_time {last.train_time_ms / 1000:.2f}s  "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tools.logs import parse_log  # noqa: E402
+from tools.logs import parse_log, printed_log_path  # noqa: E402
 
 
 def grid_axis(text):
@@ -60,7 +60,7 @@ def main(argv=None):
             result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if result.returncode:
                 sys.exit(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
-            path = [line[5:] for line in result.stdout.splitlines() if line.startswith("log: ")][-1]
+            path = printed_log_path(result.stdout)
             last = parse_log(path).val[-1]
             losses.append(last.loss)
             times.append(last.train_time_ms / 1000)

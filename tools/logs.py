@@ -49,6 +49,11 @@ class RunLog:
         return [s for s in self.steps if s.kind == "train_loss"]
 
     @property
+    def run_id(self):
+        """The run's name: its folder for our logs/<run>/log.txt, else the file's stem."""
+        return self.path.parent.name if self.path.name == "log.txt" else self.path.stem
+
+    @property
     def environment(self):
         return self.sections[0] if self.sections else ""
 
@@ -76,6 +81,14 @@ def parse_step(line):
         return None
     step, total, kind, loss, ms, avg = m.groups()
     return Step(int(step), int(total), kind, float(loss), int(ms), float(avg))
+
+
+def printed_log_path(stdout):
+    """The log a trainer wrote, from the `log: PATH` line it prints last; ValueError when there is none."""
+    paths = [line[5:] for line in stdout.splitlines() if line.startswith("log: ")]
+    if not paths:
+        raise ValueError("the trainer printed no 'log: PATH' line")
+    return paths[-1]
 
 
 def parse_log(path):
@@ -110,8 +123,7 @@ class Run:
 
     @property
     def name(self):
-        stem = self.log.path.parent.name if self.log.path.name == "log.txt" else self.log.path.stem
-        return stem if self.kind == "gpt" else f"{stem} run {self.index}"
+        return self.log.run_id if self.kind == "gpt" else f"{self.log.run_id} run {self.index}"
 
 
 def runs_from_log(log):

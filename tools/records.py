@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.logs import SEPARATOR, parse_log, runs_from_log
+from tools.logs import SEPARATOR, parse_log, printed_log_path, runs_from_log
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "records"
@@ -231,11 +231,11 @@ VARYING = {"seed", "log_dir", "data_dir", "argv"}  # what may differ between the
 
 
 def comparable_config(run):
-    """What must be equal across a record's runs: the config without seed, log dir and paths."""
-    header = {k: v for k, v in run.log.config.items() if k not in VARYING | {"runs"}}
-    if isinstance(header.get("config"), dict):
-        header["config"] = {k: v for k, v in header["config"].items() if k not in VARYING}
-    return header
+    """What must be equal across a record's runs, flat: the logged header and config without seed,
+    log dir and paths."""
+    header = run.log.config
+    return {**{k: v for k, v in header.items() if k not in VARYING | {"runs", "config"}},
+            **{f"config.{k}": v for k, v in header.get("config", {}).items() if k not in VARYING}}
 
 
 def check_record(runs, track, target):
@@ -248,9 +248,9 @@ def check_record(runs, track, target):
         groups = "; ".join(", ".join(names) for names in by_source.values())
         raise RecordError(f"the logs come from {len(sources)} different versions of the source code "
                           f"({groups}): a record is one version of the code")
-    first = flatten(comparable_config(runs[0]))
+    first = comparable_config(runs[0])
     for r in runs[1:]:
-        other = flatten(comparable_config(r))
+        other = comparable_config(r)
         differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if differ:
             raise RecordError(f"{runs[0].log.path.name} and {r.log.path.name} differ in {', '.join(differ)}: "
@@ -269,11 +269,6 @@ def check_record(runs, track, target):
         raise RecordError(f"the runs miss the target: mean {mean:.4f} against {target:g}, one-sided p = "
                           f"{p:.3g}, not below {ALPHA} (more runs, or a better recipe)")
     return t, p
-
-
-def flatten(header):
-    return {**{k: v for k, v in header.items() if k != "config"},
-            **{f"config.{k}": v for k, v in header.get("config", {}).items()}}
 
 
 def trainer_command(run, track):
@@ -354,15 +349,11 @@ def submit(paths, track_name, name, description, date=None, records=RECORDS, rea
         raise RecordError(f"{directory} exists already: pick another --name")
     directory.mkdir(parents=True)
     try:
-        copies = {}
-        for r in runs:
-            stem = r.log.path.parent.name if r.log.path.name == "log.txt" else r.log.path.stem
-            copy = directory / f"{stem}.txt"
-            if r.log.path not in copies:
-                if copy.exists():
-                    raise RecordError(f"two logs are both named {stem}: rename one")
-                shutil.copyfile(r.log.path, copy)
-                copies[r.log.path] = copy
+        for log in {r.log.path: r.log for r in runs}.values():  # a CIFAR log holds several runs
+            copy = directory / f"{log.run_id}.txt"
+            if copy.exists():
+                raise RecordError(f"two logs are both named {log.run_id}: rename one")
+            shutil.copyfile(log.path, copy)
         runs = load_runs([directory])  # from here on, the copies are what the record says
         plot([(name, runs)], directory / "curves.png", target)
         (directory / "README.md").write_text(
@@ -472,10 +463,13 @@ def reproduce(record, n_runs=1, out=ROOT / "logs" / "reproduce", say=print):
             cmd = reproduce_command(run, source_file, log_dir)
             say(f"reproducing {run.name} (seed {run.seed}): {shlex.join(cmd)}")
             result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-            paths = [line[5:] for line in result.stdout.splitlines() if line.startswith("log: ")]
-            if result.returncode or not paths:
-                raise RecordError(f"the rerun of {run.name} failed:\n{(result.stderr or result.stdout)[-3000:]}")
-            new = load_runs([ROOT / paths[-1]])
+            try:
+                if result.returncode:
+                    raise ValueError(f"exit status {result.returncode}")
+                new = load_runs([ROOT / printed_log_path(result.stdout)])
+            except ValueError as e:
+                raise RecordError(f"the rerun of {run.name} failed ({e}):\n"
+                                  f"{(result.stderr or result.stdout)[-3000:]}") from None
             if new[0].log.source != run.log.source:
                 raise RecordError(f"{new[0].log.path} logged a different source from the record's")
             new_runs += new
