@@ -10,11 +10,15 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
+import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +36,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 class UserError(Exception):
     """Bad input the user can fix (a path, a shard, a flag): reported as one line, no traceback."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: a checkpoint was saved and the run stopped early."""
 
 
 # ----------------------------------------------------------------------------- config and presets
@@ -79,6 +87,8 @@ class Config:
     compile: bool = True
     warmup_steps: int = 3  # untimed steps on random tokens to compile, then the state is reset
     log_dir: str = "logs"
+    save_every: int = 0  # checkpoint every K steps, at the end and on SIGTERM; 0 = never
+    resume: str = ""  # continue from this checkpoint, or "latest": the newest under log_dir
 
 
 PRESETS = {
@@ -148,8 +158,9 @@ def validate(cfg, world_size):
         raise UserError(f"model_dim {cfg.model_dim} is not a multiple of head_dim {cfg.head_dim}")
     if cfg.head_dim % 2:
         raise UserError(f"head_dim must be even for rotary embeddings, got {cfg.head_dim}")
-    if cfg.val_every < 0:
-        raise UserError(f"val_every must be 0 (last step only) or more, got {cfg.val_every}")
+    for name in ("val_every", "save_every"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if not 0 <= cfg.cooldown_steps <= cfg.steps:
         raise UserError(f"cooldown_steps {cfg.cooldown_steps} must lie in [0, steps={cfg.steps}]")
     if cfg.optimizer not in ("muon", "adamw"):
@@ -243,6 +254,19 @@ class TrainLoader:
         micro = cfg.micro_batch_size * cfg.seq_len
         return [split_micro_batch(buf[j * micro:(j + 1) * micro + 1].to(self.device, non_blocking=True), cfg)
                 for j in range(self.rank, cfg.batch_size // cfg.micro_batch_size, self.world_size)]
+
+    def state_dict(self):  # the same on every rank
+        return {"shard": self.shard, "pos": self.pos, "files": [Path(f).name for f in self.files]}
+
+    def load_state_dict(self, state):
+        names = [Path(f).name for f in self.files]
+        if names != state["files"]:
+            raise UserError(f"the train shards matching {self.cfg.train_files!r} ({len(names)}: "
+                            f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) are not the "
+                            f"{len(state['files'])} the checkpoint was trained on "
+                            f"({', '.join(state['files'][:3])}{', ...' if len(state['files']) > 3 else ''})")
+        self.shard, self.pos = state["shard"], state["pos"]
+        self.tokens = read_shard(self.files[self.shard], self.cfg.vocab_size)
 
 
 def split_micro_batch(chunk, cfg):
@@ -444,13 +468,18 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
         self.ns_dtype, self.rank, self.world_size = ns_dtype, rank, world_size
 
+    def share(self, params):
+        """This rank's slice of a group, (start, length): ceil(len / world_size), so the last rank may
+        get padding."""
+        share = -(-len(params) // self.world_size)
+        return self.rank * share, share
+
     @torch.no_grad()
     def step(self):
         gathers = []  # each group's all-gather runs while the next group is orthogonalised
         for group in self.param_groups:
             params, mu = group["params"], group["momentum"]
-            share = -(-len(params) // self.world_size)  # ceil: the last rank may get padding
-            lo = self.rank * share
+            lo, share = self.share(params)
             mine = params[lo:lo + share]
             rows, cols = params[0].shape
             updates = torch.zeros(share * self.world_size, rows, cols, dtype=self.ns_dtype,
@@ -481,6 +510,37 @@ class Muon(torch.optim.Optimizer):
             scale = max(1.0, rows / cols) ** 0.5  # same RMS update for tall matrices
             torch._foreach_add_(params, list(updates[:len(params)].float().unbind(0)),
                                 alpha=-group["lr"] * scale)
+
+    @torch.no_grad()
+    def momentum_buffers(self):
+        """Every parameter's momentum (zeros before its first step), gathered from the ranks that own
+        them: a checkpoint holds the whole state, whatever the number of processes. Collective."""
+        buffers = []
+        for group in self.param_groups:
+            params = group["params"]
+            lo, share = self.share(params)
+            local = torch.zeros(share, *params[0].shape, device=params[0].device)
+            for i, p in enumerate(params[lo:lo + share]):
+                if "momentum_buffer" in self.state[p]:
+                    local[i] = self.state[p]["momentum_buffer"]
+            full = local
+            if self.world_size > 1:
+                full = torch.empty(share * self.world_size, *params[0].shape, device=local.device)
+                dist.all_gather_single(full, local)
+            buffers.extend(full[:len(params)].cpu().unbind(0))
+        return buffers
+
+    def load_momentum_buffers(self, buffers):
+        """Keep this rank's share of what momentum_buffers() returned."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if [tuple(b.shape) for b in buffers] != [tuple(p.shape) for p in params]:
+            raise ValueError("momentum buffers do not match the parameters in number or shape")
+        start = 0
+        for group in self.param_groups:
+            lo, share = self.share(group["params"])
+            for i, p in enumerate(group["params"][lo:lo + share]):
+                self.state[p]["momentum_buffer"] = buffers[start + lo + i].to(p.device, p.dtype, copy=True)
+            start += len(group["params"])
 
 
 def lr_factor(step, cfg):
@@ -517,6 +577,142 @@ def build_optimizers(model, cfg, rank, world_size, device):
     return optimizers
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = "train_gpt.py checkpoint v1"
+# What a resumed run may change: paths, evaluation and execution, nothing that alters the updates.
+RESUME_MAY_CHANGE = {"train_files", "val_files", "val_tokens", "val_every", "compile", "warmup_steps", "log_dir",
+                     "save_every", "resume"}
+
+
+def source_digest():
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def checkpoint_state(cfg, step, train_ms, model, optimizers, loader, world_size, device):
+    """Everything a run needs to continue exactly: weights, optimizer moments, data position, RNG.
+    Collective (Muon's momentum is gathered from the ranks that own it); only rank 0 saves it."""
+    adam, muon = optimizers[0], next((opt for opt in optimizers if isinstance(opt, Muon)), None)
+    return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "source": source_digest(),
+            "world_size": world_size, "step": step, "train_ms": train_ms,
+            "model": model.state_dict(),
+            "adam": adam.state_dict()["state"],
+            "muon": muon.momentum_buffers() if muon else None,
+            "loader": loader.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+
+def save_checkpoint(state, path):
+    """Write to a temp file and rename it into place: a crash mid-write leaves no partial checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(log_dir):
+    found = sorted(Path(log_dir).glob("*/step_*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    if not found:
+        raise UserError(f"--resume=latest: no checkpoint in {log_dir}/*/ (runs write them with --save_every)")
+    return found[-1]
+
+
+def load_checkpoint(path, cfg):
+    """Read a checkpoint (tensors and plain data only: weights_only) and check this run may continue it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # a truncated zip, a foreign pickle, ...: torch raises many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path}: not a readable checkpoint: {reason} (truncated, or not written by "
+                        f"train_gpt.py?)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a train_gpt.py checkpoint (no {CHECKPOINT_FORMAT!r} format tag)")
+    theirs, ours = ckpt["config"], dataclasses.asdict(cfg)
+    differ = [k for k in ours if k not in RESUME_MAY_CHANGE and theirs.get(k) != ours[k]]
+    if differ:
+        shown = "; ".join(f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in differ[:4])
+        raise UserError(f"{path} was written by another configuration ({len(differ)} fields differ: {shown}"
+                        f"{'; ...' if len(differ) > 4 else ''}): resume with the preset and flags that wrote it")
+    return ckpt
+
+
+def on_all_ranks(fn, rank, world_size):
+    """fn() on every rank. A UserError on any rank is raised on all of them, so none waits forever
+    for a rank that stopped."""
+    result, error = None, None
+    try:
+        result = fn()
+    except UserError as e:
+        error = str(e)
+    if world_size > 1:
+        errors = [None] * world_size
+        dist.all_gather_object(errors, error)
+        error = next((e if r == rank else f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+    if error:
+        raise UserError(error)
+    return result
+
+
+def resume(cfg, log, model, optimizers, loader, rank, world_size, device):
+    """Load cfg.resume into the model, optimizers, loader and RNG; return its (step, train_ms)."""
+    path = cfg.resume
+    if path == "latest":  # rank 0's choice: other nodes may not see its log_dir
+        path = on_all_ranks(lambda: str(latest_checkpoint(cfg.log_dir)) if rank == 0 else None, rank, world_size)
+        if world_size > 1:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+
+    def restore():
+        ckpt = load_checkpoint(path, cfg)
+        try:
+            model.load_state_dict(ckpt["model"])
+            adam = optimizers[0].state_dict()
+            optimizers[0].load_state_dict({**adam, "state": ckpt["adam"]})  # this run's lrs and flags
+            for opt in (opt for opt in optimizers if isinstance(opt, Muon)):
+                opt.load_momentum_buffers(ckpt["muon"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: does not fit this model and optimizer: {str(e).splitlines()[0]}") from None
+        loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        return ckpt
+
+    ckpt = on_all_ranks(restore, rank, world_size)
+    notes = []
+    if ckpt["world_size"] != world_size:
+        notes.append(f"written by {ckpt['world_size']} processes: the same batches and updates, "
+                     f"with sums in another order")
+    if ckpt["source"] != source_digest():
+        notes.append("written by another version of train_gpt.py")
+    log(f"resumed from {path} at step {ckpt['step']} after {ckpt['train_ms'] / 1000:.2f}s of training"
+        + "".join(f"; {note}" for note in notes))
+    return ckpt["step"], ckpt["train_ms"]
+
+
+@contextlib.contextmanager
+def sigterm_flag(enabled):
+    """While enabled, SIGTERM (pre-emption) sets a flag instead of killing the process, so that the
+    loop can finish its step, checkpoint and stop."""
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set()) if enabled else None
+    try:
+        yield flag
+    finally:
+        if enabled:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def all_finite(model):
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
 # ----------------------------------------------------------------------------- training loop
 
 def step_line(step, steps, name, value, train_ms):
@@ -546,9 +742,12 @@ def evaluate(model, val_tokens, cfg, rank, world_size, device):
     return total.item() / n_targets
 
 
-def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu")):
-    """Train from scratch; return the final val loss and the train time in ms."""
+def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=None):
+    """Train from scratch or from cfg.resume; return the final val loss and the train time in ms.
+    Rank 0 writes the checkpoints to run_dir."""
     validate(cfg, world_size)
+    if cfg.save_every and rank == 0 and run_dir is None:
+        raise ValueError("save_every needs a run_dir to write the checkpoints to")
     torch.manual_seed(cfg.seed)
     loader = TrainLoader(cfg, rank, world_size, device)
     val_tokens = load_val_tokens(cfg)
@@ -570,7 +769,8 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu")):
     optimizers = build_optimizers(raw_model, cfg, rank, world_size, device)
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
 
-    def train_step(step, batches):
+    def train_step(step, batches, stop=False):
+        """One update; returns the mean train loss and whether any rank was asked to stop."""
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
@@ -586,9 +786,11 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu")):
         for opt in optimizers:
             opt.step()
         ddp_model.zero_grad(set_to_none=True)
-        if world_size > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        return loss_sum.item() / accumulation
+        stats = torch.stack([loss_sum / accumulation, torch.tensor(float(stop), device=device)])
+        if world_size > 1:  # one all-reduce carries both
+            dist.all_reduce(stats)
+        loss, stops = stats.tolist()
+        return loss / world_size, stops > 0
 
     # Untimed warm-up on random tokens (allowed by the record rules) compiles every kernel;
     # then weights and optimizer state go back to their initial values.
@@ -603,23 +805,52 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu")):
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
 
-    train_ms, val_loss = 0.0, float("nan")
-    sync(device)
-    t0 = time.perf_counter()
-    for step in range(cfg.steps + 1):
-        last = step == cfg.steps
-        if last or (cfg.val_every and step % cfg.val_every == 0):
-            sync(device)
-            train_ms += 1000 * (time.perf_counter() - t0)
-            val_loss = evaluate(model, val_tokens, cfg, rank, world_size, device)
-            log(step_line(step, cfg.steps, "val_loss", val_loss, train_ms))
-            sync(device)
-            t0 = time.perf_counter()
-        if last:
-            break
-        loss = train_step(step, loader.next_batches())
-        log(step_line(step + 1, cfg.steps, "train_loss", loss,
-                      train_ms + 1000 * (time.perf_counter() - t0)))
+    start, train_ms, val_loss = 0, 0.0, float("nan")
+    if cfg.resume:
+        start, train_ms = resume(cfg, log, raw_model, optimizers, loader, rank, world_size, device)
+    saved = None  # this run's newest checkpoint: each new one replaces it
+
+    def save(step):
+        nonlocal saved
+        if not all_finite(raw_model):
+            raise UserError(f"step {step}: the weights are not finite, the run diverged: not saving them")
+        state = checkpoint_state(cfg, step, train_ms, raw_model, optimizers, loader, world_size, device)
+        if rank == 0:
+            path = Path(run_dir) / f"step_{step:06d}.pt"
+            save_checkpoint(state, path)
+            if saved and saved != path:
+                saved.unlink(missing_ok=True)
+            saved = path
+            log(f"checkpoint: {path}")
+
+    with sigterm_flag(cfg.save_every > 0) as sigterm:
+        sync(device)
+        t0 = time.perf_counter()
+        for step in range(start, cfg.steps + 1):
+            last = step == cfg.steps
+            if last or (cfg.val_every and step % cfg.val_every == 0):
+                sync(device)
+                train_ms += 1000 * (time.perf_counter() - t0)
+                val_loss = evaluate(model, val_tokens, cfg, rank, world_size, device)
+                log(step_line(step, cfg.steps, "val_loss", val_loss, train_ms))
+                sync(device)
+                t0 = time.perf_counter()
+            if last:
+                break
+            loss, stop = train_step(step, loader.next_batches(), sigterm.is_set())
+            log(step_line(step + 1, cfg.steps, "train_loss", loss,
+                          train_ms + 1000 * (time.perf_counter() - t0)))
+            if not math.isfinite(loss):
+                raise UserError(f"step {step + 1}: train loss {loss}, the run diverged; "
+                                + (f"the newest checkpoint is {saved}" if saved else "no checkpoint was saved"))
+            if cfg.save_every and (stop or (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                sync(device)  # checkpoints are not training: untimed, like validation
+                train_ms += 1000 * (time.perf_counter() - t0)
+                save(step + 1)
+                t0 = time.perf_counter()
+            if stop:
+                log(f"SIGTERM: stopped after step {step + 1}; continue with --resume={saved or 'latest'}")
+                raise Preempted()
     return val_loss, train_ms
 
 
@@ -700,7 +931,7 @@ def main(argv=None):
                 log(SEPARATOR, echo=False)
                 log(text)
             log(SEPARATOR, echo=False)
-        val_loss, train_ms = train(cfg, log, rank, world_size, device)
+        val_loss, train_ms = train(cfg, log, rank, world_size, device, log.path and log.path.parent)
         tokens = cfg.steps * cfg.batch_size * cfg.seq_len
         log(f"final val_loss:{val_loss:.4f} train_time:{train_ms / 1000:.2f}s "
             f"tokens/s:{tokens / (train_ms / 1000):.0f} ({tokens / (train_ms / 1000) / world_size:.0f} per process)")
@@ -716,6 +947,8 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr, flush=True)
             log(f"error: {e}", echo=False)
         return 1
+    except Preempted:
+        return 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
     finally:
         if distributed:
             dist.destroy_process_group()
