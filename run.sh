@@ -8,6 +8,10 @@
 #                                if data/cifar10 lacks it.
 #   ./run.sh test [pytest args]  the test suite (CPU only, offline).
 #
+# Several nodes: run the same command on each, with torchrun's usual environment:
+#   NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0's address> [MASTER_PORT=29500] ./run.sh
+# NPROC_PER_NODE overrides the number of processes per node (all local GPUs; on CPU, 1 unless set).
+#
 # Arguments after the command go to the trainer (or pytest). The first run installs requirements.txt
 # into .venv unless the current python already has them; set PYTHON to use another interpreter.
 set -euo pipefail
@@ -50,17 +54,38 @@ gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
 fi
+nproc=${NPROC_PER_NODE:-$gpus}
+nnodes=${NNODES:-1}
 
-if [ "$gpus" -gt 0 ]; then
+fineweb() {
     if [ ! -f data/fineweb10B/fineweb_val_000000.bin ] || [ ! -f data/fineweb10B/fineweb_train_000010.bin ]; then
         "$PYTHON" data/cached_fineweb10B.py 10
     fi
-    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$gpus" train_gpt.py "$@"
-fi
+}
+shakespeare() {
+    if [ ! -f data/shakespeare_char/val_000000.bin ]; then
+        text=data/tinyshakespeare/input.txt
+        [ -f "$text" ] || [ ! -f "$SHARED/data/tinyshakespeare/input.txt" ] || text="$SHARED/data/tinyshakespeare/input.txt"
+        "$PYTHON" data/tinyshakespeare.py --input "$text"
+    fi
+}
+# The data the preset reads, unless the arguments name their own shards.
+case " $* " in
+    *" --train_files"*) ;;
+    *" --preset cpu-shakespeare "*|*" --preset=cpu-shakespeare "*) shakespeare ;;
+    *" --preset"*) fineweb ;;
+    *) if [ "$gpus" -gt 0 ]; then fineweb; else shakespeare; fi ;;
+esac
 
-if [ ! -f data/shakespeare_char/val_000000.bin ]; then
-    text=data/tinyshakespeare/input.txt
-    [ -f "$text" ] || [ ! -f "$SHARED/data/tinyshakespeare/input.txt" ] || text="$SHARED/data/tinyshakespeare/input.txt"
-    "$PYTHON" data/tinyshakespeare.py --input "$text"
+if [ "$nnodes" -gt 1 ]; then
+    : "${NODE_RANK:?set NODE_RANK (0 on the node at MASTER_ADDR, 1 .. NNODES-1 on the others)}"
+    : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0, reachable from every node}"
+    # Static rendezvous: ranks follow NODE_RANK, so rank 0 (the log and the checkpoints) is on node 0.
+    exec "$PYTHON" -m torch.distributed.run --nnodes="$nnodes" --node_rank="$NODE_RANK" \
+        --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \
+        --nproc_per_node="$(( nproc > 0 ? nproc : 1 ))" train_gpt.py "$@"
+fi
+if [ "$nproc" -gt 1 ] || [ "$gpus" -gt 0 ]; then
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" train_gpt.py "$@"
 fi
 exec "$PYTHON" train_gpt.py "$@"
