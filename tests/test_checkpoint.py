@@ -10,7 +10,7 @@ import torch
 
 import train_gpt
 from conftest import ROOT, config_args, cpu_env, tiny_config
-from tools.logs import parse_log, parse_step
+from tools.logs import parse_log, parse_step, printed_log_path
 from train_gpt import UserError, load_checkpoint
 
 
@@ -166,32 +166,59 @@ def test_divergence_stops_the_run_and_saves_nothing_bad(char_shards, tmp_path, c
         assert all(t.isfinite().all() for t in ckpt["model"].values())
 
 
+def sigterm_at_step(cfg, k, nproc=1):
+    """Start a run, send SIGTERM once it logs step k; return its exit code, stdout and stderr. With
+    nproc > 1 the signal goes to torchrun, which passes it on to every worker, as schedulers do."""
+    launch = [sys.executable, str(ROOT / "train_gpt.py")]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                  str(ROOT / "train_gpt.py")]
+    proc = subprocess.Popen([*launch, *config_args(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cpu_env())
+    for line in proc.stdout:
+        if line.startswith(f"step:{k}/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def stopped_at(out, cfg):
+    """The step the run stopped after, from its log; checks the checkpoint it names holds that step."""
+    stop = next(line for line in out.splitlines() if line.startswith("SIGTERM"))
+    step = int(stop.split("after step ")[1].split(";")[0])
+    path = stop.split("--resume=")[1]
+    assert os.path.basename(path) == f"step_{step:06d}.pt" and load_checkpoint(path, cfg)["step"] == step
+    return step
+
+
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(char_shards, tmp_path):
     """Pre-emption: SIGTERM mid-run. The process finishes its step, saves, and exits with 143; the run
     then resumes from --resume=latest to the same losses as a run never stopped."""
     cfg = tiny_config(char_shards, tmp_path, steps=100, cooldown_steps=50, val_every=0, save_every=1000)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *config_args(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
-    for line in proc.stdout:
-        if line.startswith("step:10/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    stop = next(line for line in out.splitlines() if line.startswith("SIGTERM"))
-    step = int(stop.split("after step ")[1].split(";")[0])
-    assert 10 <= step < 100, stop
-    path = stop.split("--resume=")[1]
-    assert os.path.basename(path) == f"step_{step:06d}.pt" and load_checkpoint(path, cfg)["step"] == step
+    code, out, err = sigterm_at_step(cfg, 10)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    step = stopped_at(out, cfg)
+    assert 10 <= step < 100
 
     def run(cfg):
         result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), *config_args(cfg)],
                                 capture_output=True, text=True, env=cpu_env(), timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
-        return parse_log(next(line[5:] for line in result.stdout.splitlines() if line.startswith("log: ")))
+        return parse_log(printed_log_path(result.stdout))
 
     resumed = run(dataclasses.replace(cfg, resume="latest"))
     whole = run(dataclasses.replace(cfg, log_dir=str(tmp_path / "whole")))
     assert resumed.steps[0].step == step + 1
     tail = [(s.step, s.kind, s.loss) for s in whole.steps if s.step > step]
     assert [(s.step, s.kind, s.loss) for s in resumed.steps] == tail
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(char_shards, tmp_path):
+    """The ranks agree to stop (the flag rides on the loss all-reduce), so rank 0 can gather Muon's
+    momentum from rank 1 and save it."""
+    cfg = tiny_config(char_shards, tmp_path, steps=300, cooldown_steps=50, val_every=0, save_every=1000,
+                      micro_batch_size=4)
+    code, out, err = sigterm_at_step(cfg, 10, nproc=2)
+    assert code != 0 and "SignalException" in err  # torchrun reports the signal it got
+    assert 10 <= stopped_at(out, cfg) < 300

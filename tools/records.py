@@ -227,7 +227,7 @@ def plot(groups, out, target=None):
 # ----------------------------------------------------------------------------- submit
 
 RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-VARYING = {"seed", "log_dir", "data_dir", "argv"}  # what may differ between the runs of one record
+VARYING = {"seed", "log_dir", "data_dir", "argv", "save_every"}  # what may differ between the runs of one record
 
 
 def comparable_config(run):
@@ -248,6 +248,9 @@ def check_record(runs, track, target):
         groups = "; ".join(", ".join(names) for names in by_source.values())
         raise RecordError(f"the logs come from {len(sources)} different versions of the source code "
                           f"({groups}): a record is one version of the code")
+    resumed = [r.log.path.name for r in runs if r.log.config.get("config", {}).get("resume")]
+    if resumed:
+        raise RecordError(f"{resumed[0]} continues a checkpoint: a record's runs each train from scratch")
     first = comparable_config(runs[0])
     for r in runs[1:]:
         other = comparable_config(r)
