@@ -3,6 +3,7 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py           # the 8xH100 record
     python train_gpt.py                                              # the CPU track, without CUDA
     python train_gpt.py --preset cpu-shakespeare --steps=100 --seed=1
+    python train_gpt.py --save_every=50 --resume=latest              # checkpoints; continue the newest
 
 Sections: config and presets, data, model, optimizer, training loop, main.
 """

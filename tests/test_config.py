@@ -42,6 +42,7 @@ def test_batch_must_divide_among_processes():
     (dict(dtype="float16"), "dtype must be bfloat16 or float32"),
     (dict(optimizer="sgd"), "optimizer must be muon or adamw, got 'sgd'"),
     (dict(lr_warmup_steps=-1), r"lr_warmup_steps -1 must lie in \[0, steps=1875\]"),
+    (dict(save_every=-5), "save_every must be 0 or more, got -5"),
 ])
 def test_inconsistent_settings(change, message):
     with pytest.raises(UserError, match=message):
