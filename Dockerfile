@@ -11,10 +11,11 @@ FROM nvidia/cuda:13.0.3-devel-ubuntu24.04
 # uv installs an exact CPython build, then the requirements into a virtual environment.
 COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /usr/local/bin/uv
 
-# The minor version the test suite runs on; torch 2.13.0 has wheels for CPython 3.10 to 3.14.
+# 3.11, the minor version CI runs the tests on; torch 2.13.0 has wheels for CPython 3.10 to 3.14.
 ARG PYTHON_VERSION=3.11.18
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_LINK_MODE=copy \
+    UV_NO_CACHE=1 \
     UV_COMPILE_BYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \

@@ -56,6 +56,13 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 nproc=${NPROC_PER_NODE:-$gpus}
 nnodes=${NNODES:-1}
+for setting in "NPROC_PER_NODE=$nproc" "NNODES=$nnodes"; do
+    [[ ${setting#*=} =~ ^[0-9]+$ ]] || { echo "run.sh: ${setting%%=*} must be a whole number, got '${setting#*=}'" >&2; exit 2; }
+done
+if [ "$nnodes" -gt 1 ]; then
+    : "${NODE_RANK:?set NODE_RANK (0 on the node at MASTER_ADDR, 1 .. NNODES-1 on the others)}"
+    : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0, reachable from every node}"
+fi
 
 fineweb() {
     if [ ! -f data/fineweb10B/fineweb_val_000000.bin ] || [ ! -f data/fineweb10B/fineweb_train_000010.bin ]; then
@@ -71,15 +78,13 @@ shakespeare() {
 }
 # The data the preset reads, unless the arguments name their own shards.
 case " $* " in
-    *" --train_files"*) ;;
+    *" --train_files"*" --val_files"*|*" --val_files"*" --train_files"*) ;;
     *" --preset cpu-shakespeare "*|*" --preset=cpu-shakespeare "*) shakespeare ;;
     *" --preset"*) fineweb ;;
     *) if [ "$gpus" -gt 0 ]; then fineweb; else shakespeare; fi ;;
 esac
 
 if [ "$nnodes" -gt 1 ]; then
-    : "${NODE_RANK:?set NODE_RANK (0 on the node at MASTER_ADDR, 1 .. NNODES-1 on the others)}"
-    : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0, reachable from every node}"
     # Static rendezvous: ranks follow NODE_RANK, so rank 0 (the log and the checkpoints) is on node 0.
     exec "$PYTHON" -m torch.distributed.run --nnodes="$nnodes" --node_rank="$NODE_RANK" \
         --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -583,7 +584,7 @@ def build_optimizers(model, cfg, rank, world_size, device):
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint v1"
 # What a resumed run may change: paths, evaluation and execution, nothing that alters the updates.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_tokens", "val_every", "compile", "warmup_steps", "log_dir",
-                     "save_every", "resume"}
+                     "save_every", "resume", "micro_batch_size"}  # micro-batches, like processes, reorder sums
 
 
 def source_digest():
@@ -607,24 +608,38 @@ def checkpoint_state(cfg, step, train_ms, model, optimizers, loader, world_size,
 def save_checkpoint(state, path):
     """Write to a temp file and rename it into place: a crash mid-write leaves no partial checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself survives a power cut before the previous checkpoint is deleted
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def latest_checkpoint(log_dir):
-    found = sorted(Path(log_dir).glob("*/step_*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    found = []
+    for path in Path(log_dir).glob("*/step_*.pt"):
+        try:
+            found.append((path.stat().st_mtime_ns, path))
+        except OSError:  # a dangling link, or deleted since the glob
+            pass
     if not found:
         raise UserError(f"--resume=latest: no checkpoint in {log_dir}/*/ (runs write them with --save_every)")
-    return found[-1]
+    return max(found)[1]
 
 
 def load_checkpoint(path, cfg):
     """Read a checkpoint (tensors and plain data only: weights_only) and check this run may continue it."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # mmap: the ranks of a node share the pages instead of each holding a copy
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint") from None
     except Exception as e:  # a truncated zip, a foreign pickle, ...: torch raises many kinds
@@ -643,13 +658,18 @@ def load_checkpoint(path, cfg):
 
 
 def on_all_ranks(fn, rank, world_size):
-    """fn() on every rank. A UserError on any rank is raised on all of them, so none waits forever
-    for a rank that stopped."""
+    """fn() on every rank, then a barrier. An error on any rank is raised on all of them, as a UserError,
+    so none waits forever in a collective for a rank that stopped."""
     result, error = None, None
     try:
         result = fn()
     except UserError as e:
         error = str(e)
+    except Exception as e:
+        if world_size == 1:
+            raise
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
     if world_size > 1:
         errors = [None] * world_size
         dist.all_gather_object(errors, error)
@@ -686,6 +706,14 @@ def resume(cfg, log, model, optimizers, loader, rank, world_size, device):
         return ckpt
 
     ckpt = on_all_ranks(restore, rank, world_size)
+    if world_size > 1:  # every rank read its own copy: make sure they are one checkpoint
+        mine = (ckpt["step"], ckpt["train_ms"], sum(float(t.double().sum()) for t in model.state_dict().values()))
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, mine)
+        if len(set(everyone)) > 1:
+            odd = next(r for r, theirs in enumerate(everyone) if theirs != everyone[0])
+            raise UserError(f"{path}: rank {odd} read another checkpoint than rank 0 under this path: give "
+                            f"every node the same file (shared storage, or a copy)")
     notes = []
     if ckpt["world_size"] != world_size:
         notes.append(f"written by {ckpt['world_size']} processes: the same batches and updates, "
@@ -710,8 +738,11 @@ def sigterm_flag(enabled):
             signal.signal(signal.SIGTERM, previous)
 
 
-def all_finite(model):
-    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+def all_finite(state):
+    """Whether a checkpoint's weights and optimizer moments are all finite."""
+    tensors = [*state["model"].values(), *(v for s in state["adam"].values() for v in s.values()),
+               *(state["muon"] or [])]
+    return all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -770,8 +801,8 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
     optimizers = build_optimizers(raw_model, cfg, rank, world_size, device)
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
 
-    def train_step(step, batches, stop=False):
-        """One update; returns the mean train loss and whether any rank was asked to stop."""
+    def train_step(step, batches, sigterm=None):
+        """One update; returns the mean train loss and whether SIGTERM reached any rank by its end."""
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
@@ -787,7 +818,8 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
         for opt in optimizers:
             opt.step()
         ddp_model.zero_grad(set_to_none=True)
-        stats = torch.stack([loss_sum / accumulation, torch.tensor(float(stop), device=device)])
+        stop = float(sigterm is not None and sigterm.is_set())
+        stats = torch.stack([loss_sum / accumulation, torch.tensor(stop, device=device)])
         if world_size > 1:  # one all-reduce carries both
             dist.all_reduce(stats)
         loss, stops = stats.tolist()
@@ -812,13 +844,26 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
     saved = None  # this run's newest checkpoint: each new one replaces it
 
     def save(step):
+        """Rank 0 writes; every rank waits for the outcome, so none exits or errs before the file is
+        in place."""
         nonlocal saved
-        if not all_finite(raw_model):
-            raise UserError(f"step {step}: the weights are not finite, the run diverged: not saving them")
         state = checkpoint_state(cfg, step, train_ms, raw_model, optimizers, loader, world_size, device)
-        if rank == 0:
+
+        def write():
+            if rank != 0:
+                return None
+            if not all_finite(state):
+                raise UserError(f"step {step}: the weights or optimizer moments are not finite, the run "
+                                f"diverged: not saving them")
             path = Path(run_dir) / f"step_{step:06d}.pt"
-            save_checkpoint(state, path)
+            try:
+                save_checkpoint(state, path)
+            except OSError as e:
+                raise UserError(f"{path}: cannot write the checkpoint: {e}") from None
+            return path
+
+        path = on_all_ranks(write, rank, world_size)
+        if rank == 0:
             if saved and saved != path:
                 saved.unlink(missing_ok=True)
             saved = path
@@ -838,7 +883,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
                 t0 = time.perf_counter()
             if last:
                 break
-            loss, stop = train_step(step, loader.next_batches(), sigterm.is_set())
+            loss, stop = train_step(step, loader.next_batches(), sigterm)
             log(step_line(step + 1, cfg.steps, "train_loss", loss,
                           train_ms + 1000 * (time.perf_counter() - t0)))
             if not math.isfinite(loss):

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,8 +80,8 @@ def saved_checkpoint(char_shards, tmp_path, **overrides):
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(char_shards, tmp_path, monkeypatch):
-    """The write dies half-way (a full disk, a killed process): the partial bytes stay in a temp file,
-    and the step-2 checkpoint is still the latest, whole and loadable."""
+    """The write of step 4 dies half-way: its temp file is removed, and the step-2 checkpoint is still
+    the latest, whole and loadable. A temp file left by a killed process is never taken for one."""
     cfg = tiny_config(char_shards, tmp_path, steps=6, save_every=2)
     real_save = torch.save
 
@@ -92,7 +93,9 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(char_shards, tmp_p
     monkeypatch.setattr(torch, "save", dying_save)
     train_lines(cfg, tmp_path / "logs/run")
     run = tmp_path / "logs/run"
-    assert sorted(p.name for p in run.iterdir()) == [".step_000004.pt.tmp", "step_000002.pt"]
+    assert sorted(p.name for p in run.iterdir()) == ["step_000002.pt"]
+    (run / ".step_000004.pt.tmp").write_bytes(b"PK\x03\x04 the first bytes of a zip")  # as after SIGKILL
+    (run / "step_000009.pt").symlink_to(run / "gone.pt")  # a dangling link is skipped too
     assert train_gpt.latest_checkpoint(tmp_path / "logs") == run / "step_000002.pt"
     assert load_checkpoint(run / "step_000002.pt", cfg)["step"] == 2
 
@@ -150,7 +153,7 @@ def test_other_train_shards_are_refused(char_shards, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(scalar_lr=1e30), r"step (\d+): train loss nan, the run diverged"),  # activations overflow
-    (dict(muon_lr=float("inf")), r"step (\d+): the weights are not finite, the run diverged: not saving them"),
+    (dict(muon_lr=float("inf")), r"step (\d+): the weights or optimizer moments are not finite, the run diverged"),
 ])
 def test_divergence_stops_the_run_and_saves_nothing_bad(char_shards, tmp_path, change, message):
     cfg = tiny_config(char_shards, tmp_path, steps=8, save_every=1, val_every=0, **change)
@@ -166,9 +169,9 @@ def test_divergence_stops_the_run_and_saves_nothing_bad(char_shards, tmp_path, c
         assert all(t.isfinite().all() for t in ckpt["model"].values())
 
 
-def sigterm_at_step(cfg, k, nproc=1):
-    """Start a run, send SIGTERM once it logs step k; return its exit code, stdout and stderr. With
-    nproc > 1 the signal goes to torchrun, which passes it on to every worker, as schedulers do."""
+def sigterm_at_step(cfg, k, nproc=1, rank=0):
+    """Start a run; once it logs step k, send SIGTERM to the process of `rank` alone (as when one node
+    of several is reclaimed). Return the launcher's exit code, stdout and stderr."""
     launch = [sys.executable, str(ROOT / "train_gpt.py")]
     if nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -177,10 +180,18 @@ def sigterm_at_step(cfg, k, nproc=1):
                             env=cpu_env())
     for line in proc.stdout:
         if line.startswith(f"step:{k}/"):
-            proc.send_signal(signal.SIGTERM)
+            os.kill(proc.pid if nproc == 1 else worker_pid(proc.pid, rank), signal.SIGTERM)
             break
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
+
+
+def worker_pid(launcher, rank):
+    """The pid of torchrun's worker process with RANK=rank (Linux /proc)."""
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"torchrun has no worker of rank {rank}")
 
 
 def stopped_at(out, cfg):
@@ -195,11 +206,11 @@ def stopped_at(out, cfg):
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(char_shards, tmp_path):
     """Pre-emption: SIGTERM mid-run. The process finishes its step, saves, and exits with 143; the run
     then resumes from --resume=latest to the same losses as a run never stopped."""
-    cfg = tiny_config(char_shards, tmp_path, steps=100, cooldown_steps=50, val_every=0, save_every=1000)
+    cfg = tiny_config(char_shards, tmp_path, steps=400, cooldown_steps=50, val_every=0, save_every=1000)
     code, out, err = sigterm_at_step(cfg, 10)
     assert code == 128 + signal.SIGTERM, err[-2000:]
     step = stopped_at(out, cfg)
-    assert 10 <= step < 100
+    assert 10 <= step < 400
 
     def run(cfg):
         result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), *config_args(cfg)],
@@ -214,11 +225,27 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(char_shards, tmp
     assert [(s.step, s.kind, s.loss) for s in resumed.steps] == tail
 
 
-def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(char_shards, tmp_path):
-    """The ranks agree to stop (the flag rides on the loss all-reduce), so rank 0 can gather Muon's
-    momentum from rank 1 and save it."""
+def test_sigterm_to_one_rank_stops_all_and_two_processes_resume_exactly(char_shards, tmp_path):
+    """SIGTERM to rank 1 alone: the ranks agree on the step (the flag rides on the loss all-reduce), rank 0
+    gathers rank 1's share of Muon's momentum and saves, and both stop. Resumed on two processes, the run
+    then matches an uninterrupted two-process run to the last bit of its final state. Three layers make
+    Muon groups of 3 matrices, so rank 1's share is padded."""
     cfg = tiny_config(char_shards, tmp_path, steps=300, cooldown_steps=50, val_every=0, save_every=1000,
-                      micro_batch_size=4)
-    code, out, err = sigterm_at_step(cfg, 10, nproc=2)
-    assert code != 0 and "SignalException" in err  # torchrun reports the signal it got
-    assert 10 <= stopped_at(out, cfg) < 300
+                      micro_batch_size=4, n_layer=3)
+    code, out, err = sigterm_at_step(cfg, 10, nproc=2, rank=1)
+    assert code != 0 and "exitcode  : 143" in err, err[-3000:]  # torchrun reports its workers' exits
+    step = stopped_at(out, cfg)
+    assert 10 <= step < 300
+
+    def run(cfg):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(ROOT / "train_gpt.py"), *config_args(cfg)],
+                                capture_output=True, text=True, env=cpu_env(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return parse_log(printed_log_path(result.stdout))
+
+    resumed = run(dataclasses.replace(cfg, resume="latest"))
+    whole = run(dataclasses.replace(cfg, log_dir=str(tmp_path / "whole")))
+    assert [(s.step, s.loss) for s in resumed.steps] == [(s.step, s.loss) for s in whole.steps if s.step > step]
+    (a,), (b,) = [list(log.path.parent.glob("step_000300.pt")) for log in (resumed, whole)]
+    assert_same_state(load_checkpoint(a, cfg), load_checkpoint(b, cfg))

@@ -64,3 +64,15 @@ def test_two_nodes_match_one_process(char_shards, tmp_path):
     assert "written by 2 processes" in resumed.path.read_text()
     assert [(s.step, s.kind) for s in resumed.steps] == [(5, "val_loss")]
     assert resumed.steps[0].loss == pytest.approx(two.steps[-1].loss, abs=2e-4)
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(NNODES="1:2"), "run.sh: NNODES must be a whole number, got '1:2'"),
+    (dict(NPROC_PER_NODE="auto"), "run.sh: NPROC_PER_NODE must be a whole number, got 'auto'"),
+    (dict(NNODES="2", NODE_RANK="0"), "set MASTER_ADDR to the address of node 0"),
+])
+def test_run_sh_refuses_an_incomplete_node_setup(env, message):
+    result = subprocess.run(["bash", str(ROOT / "run.sh")], capture_output=True, text=True, timeout=120,
+                            env={**cpu_env(), "PYTHON": sys.executable, **env})
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "train:" not in result.stdout  # nothing started

@@ -228,7 +228,7 @@ def test_submit_refuses_what_is_no_record(tiny_logs, tmp_path, readme):
     resumed = tmp_path / "resumed" / "log.txt"
     resumed.parent.mkdir()
     resumed.write_text(tiny_logs[1].read_text().replace('"resume": ""', '"resume": "logs/x/step_000002.pt"'))
-    with pytest.raises(records.RecordError, match="log.txt continues a checkpoint: a record's runs each train from"):
+    with pytest.raises(records.RecordError, match="resumed continues a checkpoint: a record's runs each train from"):
         records.submit([tiny_logs[0], resumed, tiny_logs[2]], "cpu", "Resumed", "x", target=5.0, **kwargs)
     with pytest.raises(records.RecordError, match="not gpt"):
         records.submit(tiny_logs, "gpt", "Wrong", "x", target=5.0, **kwargs)

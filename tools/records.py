@@ -248,7 +248,7 @@ def check_record(runs, track, target):
         groups = "; ".join(", ".join(names) for names in by_source.values())
         raise RecordError(f"the logs come from {len(sources)} different versions of the source code "
                           f"({groups}): a record is one version of the code")
-    resumed = [r.log.path.name for r in runs if r.log.config.get("config", {}).get("resume")]
+    resumed = [r.log.run_id for r in runs if r.log.config.get("config", {}).get("resume")]
     if resumed:
         raise RecordError(f"{resumed[0]} continues a checkpoint: a record's runs each train from scratch")
     first = comparable_config(runs[0])
