@@ -74,6 +74,10 @@ class Config:
     muon_momentum_start: float = 0.85  # warmed up linearly to muon_momentum ...
     muon_momentum_warmup: int = 500  # ... over this many steps
     ns_steps: int = 5  # Newton-Schulz iterations
+    # Moonlight's Muon for long runs, off in the record: decoupled weight decay (W *= 1 - lr * wd), and
+    # updates scaled to RMS 0.2 (0.2 * sqrt(max(rows, cols))) like AdamW's, so AdamW's lr and wd carry over
+    muon_weight_decay: float = 0.0
+    muon_rms_match: bool = False
     embed_lr: float = 0.6
     head_lr: float = 0.008
     scalar_lr: float = 0.04
@@ -96,6 +100,22 @@ class Config:
 PRESETS = {
     # The 8xH100 record of Nov 2024 (3.28 val loss in 1875 steps); fewer GPUs accumulate.
     "gpt2-speedrun": Config(),
+    # Larger GPT-2 shapes, untested at full length here (README). Sequences shorten as the model grows,
+    # so that a micro-batch's activations stay near the record's on an 80 GB GPU; the head's lr falls
+    # as 1 / width from the record's 0.008 at 768.
+    "gpt2-medium": Config(  # 350M, the public 2.92 val loss track: 24 x 1024, 8 heads of 128
+        n_layer=24, model_dim=1024, seq_len=16384, batch_size=32, steps=5000, cooldown_steps=1500,
+        head_lr=0.006, val_every=250),
+    # 774M and 1.5B take Moonlight's Muon with GPT-3's AdamW lrs for those sizes and weight decay 0.1;
+    # 1M-token steps, and ~10B tokens at most: FineWeb-10B's 103 shards.
+    "gpt2-large": Config(  # 36 x 1280, 10 heads of 128
+        n_layer=36, model_dim=1280, seq_len=8192, batch_size=128, steps=8000, cooldown_steps=2400,
+        lr_warmup_steps=200, muon_lr=2.5e-4, muon_rms_match=True, muon_weight_decay=0.1, head_lr=0.0048,
+        val_every=500),
+    "gpt2-xl": Config(  # 48 x 1600, GPT-2 XL's 25 heads of 64 (128 does not divide 1600)
+        n_layer=48, model_dim=1600, head_dim=64, seq_len=4096, batch_size=256, steps=9500, cooldown_steps=2850,
+        lr_warmup_steps=200, muon_lr=2e-4, muon_rms_match=True, muon_weight_decay=0.1, head_lr=0.0038,
+        val_every=500),
     # The CPU track: character-level tiny Shakespeare to <= 1.88 val loss on a 2-core machine.
     "cpu-shakespeare": Config(
         train_files="data/shakespeare_char/train_*.bin",
@@ -460,15 +480,20 @@ class Muon(torch.optim.Optimizer):
 
     Parameters of one shape form a group and are orthogonalised as one batch. The batch is split
     across ranks (each rank keeps the momentum of its share only) and the updates are all-gathered,
-    so every rank applies the same update. Gradients must already be averaged across ranks."""
+    so every rank applies the same update. Gradients must already be averaged across ranks.
+
+    The update of a rows x cols matrix is scaled by sqrt(max(1, rows / cols)), so tall and square
+    matrices move alike, or with rms_match by 0.2 * sqrt(max(rows, cols)), which gives it an RMS
+    of about 0.2, as AdamW's typically has. weight_decay is decoupled: W *= 1 - lr * weight_decay."""
 
     def __init__(self, params, lr, momentum, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
-                 rank=0, world_size=1):
+                 weight_decay=0.0, rms_match=False, rank=0, world_size=1):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == s]} for s in shapes]
-        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-        self.ns_dtype, self.rank, self.world_size = ns_dtype, rank, world_size
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+        self.ns_dtype, self.rms_match, self.rank, self.world_size = ns_dtype, rms_match, rank, world_size
 
     def share(self, params):
         """This rank's slice of a group, (start, length): ceil(len / world_size), so the last rank may
@@ -509,7 +534,10 @@ class Muon(torch.optim.Optimizer):
                 work.wait()
             params = group["params"]
             rows, cols = params[0].shape
-            scale = max(1.0, rows / cols) ** 0.5  # same RMS update for tall matrices
+            # an orthogonal rows x cols matrix has RMS 1 / sqrt(max(rows, cols))
+            scale = 0.2 * max(rows, cols) ** 0.5 if self.rms_match else max(1.0, rows / cols) ** 0.5
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, list(updates[:len(params)].float().unbind(0)),
                                 alpha=-group["lr"] * scale)
 
@@ -571,7 +599,8 @@ def build_optimizers(model, cfg, rank, world_size, device):
                                     weight_decay=0.0, fused=device.type == "cuda")]
     if cfg.optimizer == "muon":
         optimizers.append(Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum_start,
-                               ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.dtype), rank=rank,
+                               ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.dtype),
+                               weight_decay=cfg.muon_weight_decay, rms_match=cfg.muon_rms_match, rank=rank,
                                world_size=world_size))
     for opt in optimizers:
         for group in opt.param_groups:

@@ -1,8 +1,9 @@
 import dataclasses
 
 import pytest
+import torch
 
-from train_gpt import PRESETS, UserError, parse_config, validate
+from train_gpt import GPT, PRESETS, UserError, parse_config, validate
 
 
 def test_preset_then_overrides():
@@ -47,3 +48,19 @@ def test_batch_must_divide_among_processes():
 def test_inconsistent_settings(change, message):
     with pytest.raises(UserError, match=message):
         validate(dataclasses.replace(PRESETS["gpt2-speedrun"], **change), 1)
+
+
+@pytest.mark.parametrize("preset, published", [
+    ("gpt2-speedrun", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
+    ("gpt2-xl", 1_557_611_200)])
+def test_preset_sizes_are_gpt2s(preset, published):
+    """Each preset, built on the meta device (no memory), has the size of its GPT-2. Ours has no position
+    table, biases or norm gains, and pads the vocabulary to 50304: without its untied head it is within
+    1% of GPT-2's published count, and the head adds vocab x width."""
+    cfg = PRESETS[preset]
+    with torch.device("meta"):
+        model = GPT(cfg)
+    body = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("lm_head."))
+    assert abs(body - published) / published < 0.01, (body, published)
+    assert model.lm_head.weight.numel() == cfg.vocab_size * cfg.model_dim
+    validate(cfg, 8)  # and it runs on 8 GPUs

@@ -66,6 +66,54 @@ def test_muon_step_is_nesterov_then_orthogonalised():
         torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (256, 64), (64, 256), (96, 33), (768, 3072)])
+def test_rms_matched_update_has_rms_02(shape):
+    """rms_match scales the orthogonalised update by 0.2 sqrt(max(rows, cols)). An orthogonal rows x cols
+    matrix has RMS 1 / sqrt(max(rows, cols)), so the update's RMS is 0.2 times the RMS of Newton-Schulz's
+    singular values: 0.2 for an exact orthogonalisation, 0.16-0.2 for the quintic's ~[0.7, 1.2]. The
+    record's scaling, sqrt(max(1, rows / cols)), gives 1 / sqrt(cols) instead."""
+    torch.manual_seed(0)
+    rows, cols = shape
+    G = torch.randn(shape)
+    s_rms = torch.linalg.svdvals(newton_schulz(G, dtype=torch.float32)).pow(2).mean().sqrt().item()
+    for rms_match, expected in ((True, 0.2 * s_rms), (False, s_rms / cols ** 0.5)):
+        w = torch.nn.Parameter(torch.randn(shape))
+        before = w.detach().clone()
+        w.grad = G.clone()
+        Muon([w], lr=0.01, momentum=0.95, rms_match=rms_match, ns_dtype=torch.float32).step()
+        rms = ((w.detach() - before) / 0.01).pow(2).mean().sqrt().item()
+        assert rms == pytest.approx(expected, rel=1e-3), (rms_match, rms)
+        if rms_match:
+            assert 0.16 < rms <= 0.2
+
+
+def test_weight_decay_is_decoupled():
+    """W <- W * (1 - lr * wd) - lr * scale * update: with a zero gradient (zero update) only the decay is
+    left, and with a gradient the decay and the update simply add."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(32, 48))
+    before = w.detach().clone()
+    opt = Muon([w], lr=0.1, momentum=0.9, weight_decay=0.5, rms_match=True, ns_dtype=torch.float32)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    torch.testing.assert_close(w.detach(), before * (1 - 0.1 * 0.5), atol=0, rtol=0)
+    g = torch.randn(32, 48)
+    w2 = torch.nn.Parameter(before.clone())
+    opt2 = Muon([w2], lr=0.1, momentum=0.9, weight_decay=0.5, rms_match=True, ns_dtype=torch.float32)
+    w2.grad = g
+    opt2.step()
+    update = newton_schulz(g + 0.9 * g, dtype=torch.float32) * 0.2 * 48 ** 0.5
+    torch.testing.assert_close(w2.detach(), before * 0.95 - 0.1 * update, atol=1e-6, rtol=1e-5)
+
+
+def test_moonlight_options_are_off_in_the_record():
+    cfg = PRESETS["gpt2-speedrun"]
+    assert cfg.muon_weight_decay == 0 and not cfg.muon_rms_match
+    (muon,) = [o for o in build_optimizers(GPT(dataclasses.replace(cfg, n_layer=2, model_dim=128, vocab_size=128)),
+                                           cfg, 0, 1, torch.device("cpu")) if isinstance(o, Muon)]
+    assert not muon.rms_match and all(g["weight_decay"] == 0 for g in muon.param_groups)
+
+
 def test_schedules():
     cfg = dataclasses.replace(PRESETS["gpt2-speedrun"], steps=100, cooldown_steps=40, muon_momentum_warmup=10)
     assert [lr_factor(s, cfg) for s in (0, 60, 80, 100)] == [1.0, 1.0, 0.5, 0.0]
