@@ -64,9 +64,12 @@ if [ "$nnodes" -gt 1 ]; then
     : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0, reachable from every node}"
 fi
 
-fineweb() {
-    if [ ! -f data/fineweb10B/fineweb_val_000000.bin ] || [ ! -f data/fineweb10B/fineweb_train_000010.bin ]; then
-        "$PYTHON" data/cached_fineweb10B.py 10
+fineweb() {  # the 100M-token shards the run reads (10 for the record; FineWeb-10B has 103)
+    local n
+    n=$("$PYTHON" -c 'import sys, train_gpt; _, c = train_gpt.parse_config(sys.argv[1:])
+print(min(103, -(-c.steps * c.batch_size * c.seq_len // 10**8)))' "$@")
+    if [ ! -f data/fineweb10B/fineweb_val_000000.bin ] || [ ! -f "data/fineweb10B/fineweb_train_$(printf %06d "$n").bin" ]; then
+        "$PYTHON" data/cached_fineweb10B.py "$n"
     fi
 }
 shakespeare() {
@@ -80,8 +83,8 @@ shakespeare() {
 case " $* " in
     *" --train_files"*" --val_files"*|*" --val_files"*" --train_files"*) ;;
     *" --preset cpu-shakespeare "*|*" --preset=cpu-shakespeare "*) shakespeare ;;
-    *" --preset"*) fineweb ;;
-    *) if [ "$gpus" -gt 0 ]; then fineweb; else shakespeare; fi ;;
+    *" --preset"*) fineweb "$@" ;;
+    *) if [ "$gpus" -gt 0 ]; then fineweb "$@"; else shakespeare; fi ;;
 esac
 
 if [ "$nnodes" -gt 1 ]; then

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -94,6 +95,7 @@ class Config:
     warmup_steps: int = 3  # untimed steps on random tokens to compile, then the state is reset
     log_dir: str = "logs"
     save_every: int = 0  # checkpoint every K steps, at the end and on SIGTERM; 0 = never
+    sample_tokens: int = 0  # the log ends with a sample of this many tokens (temperature 0.8, top-k 40)
     resume: str = ""  # continue from this checkpoint, or "latest": the newest under log_dir
 
 
@@ -138,6 +140,7 @@ PRESETS = {
         adam_beta1=0.8,
         val_every=10,  # dense curves for the record plots; validation is not timed
         warmup_steps=2,
+        sample_tokens=240,
     ),
 }
 
@@ -180,7 +183,7 @@ def validate(cfg, world_size):
         raise UserError(f"model_dim {cfg.model_dim} is not a multiple of head_dim {cfg.head_dim}")
     if cfg.head_dim % 2:
         raise UserError(f"head_dim must be even for rotary embeddings, got {cfg.head_dim}")
-    for name in ("val_every", "save_every"):
+    for name in ("val_every", "save_every", "sample_tokens"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if not 0 <= cfg.cooldown_steps <= cfg.steps:
@@ -439,9 +442,12 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(self.n_encoder))
         self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
 
-    def forward(self, idx, targets, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean", flex=None):
+        """The cross-entropy against targets (reduction "mean", "sum", or "none": per token), or without
+        targets the logits of the next token, (B, vocab_size). flex=False takes the dense attention path,
+        for evaluation and sampling on inputs of any shape."""
         cfg = self.cfg
-        mask = attention_mask(idx, cfg.eot_token, cfg.window, self.flex)
+        mask = attention_mask(idx, cfg.eot_token, cfg.window, self.flex if flex is None else flex)
         rope = self.rotary(idx.size(1), self.dtype)
         x = x0 = norm(self.embed(idx).to(self.dtype))
         v_first, skips = None, []
@@ -451,8 +457,12 @@ class GPT(nn.Module):
             x, v_first = block(x, x0, v_first, mask, rope)
             if i < self.n_encoder:
                 skips.append(x)
+        if targets is None:
+            x = x[:, -1]
         logits = self.lm_head(norm(x)).float()
         logits = cfg.logit_cap * torch.tanh(logits / cfg.logit_cap)
+        if targets is None:
+            return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
@@ -661,12 +671,12 @@ def latest_checkpoint(log_dir):
         except OSError:  # a dangling link, or deleted since the glob
             pass
     if not found:
-        raise UserError(f"--resume=latest: no checkpoint in {log_dir}/*/ (runs write them with --save_every)")
+        raise UserError(f"latest: no checkpoint in {log_dir}/*/ (runs write them with --save_every)")
     return max(found)[1]
 
 
-def load_checkpoint(path, cfg):
-    """Read a checkpoint (tensors and plain data only: weights_only) and check this run may continue it."""
+def read_checkpoint(path):
+    """A checkpoint's contents: tensors and plain data only (weights_only), checked to be ours."""
     try:  # mmap: the ranks of a node share the pages instead of each holding a copy
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
@@ -677,6 +687,12 @@ def load_checkpoint(path, cfg):
                         f"train_gpt.py?)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a train_gpt.py checkpoint (no {CHECKPOINT_FORMAT!r} format tag)")
+    return ckpt
+
+
+def load_checkpoint(path, cfg):
+    """Read a checkpoint and check that a run with cfg may continue it."""
+    ckpt = read_checkpoint(path)
     theirs, ours = ckpt["config"], dataclasses.asdict(cfg)
     differ = [k for k in ours if k not in RESUME_MAY_CHANGE and theirs.get(k) != ours[k]]
     if differ:
@@ -684,6 +700,17 @@ def load_checkpoint(path, cfg):
         raise UserError(f"{path} was written by another configuration ({len(differ)} fields differ: {shown}"
                         f"{'; ...' if len(differ) > 4 else ''}): resume with the preset and flags that wrote it")
     return ckpt
+
+
+def load_model(path, device):
+    """(config, model) of a checkpoint, for sampling and evaluation; "latest" is the newest under logs/."""
+    path = latest_checkpoint(Config.log_dir) if path == "latest" else path
+    ckpt = read_checkpoint(path)
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    model = GPT(cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    return cfg, model
 
 
 def on_all_ranks(fn, rank, world_size):
@@ -926,12 +953,82 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
             if stop:
                 log(f"SIGTERM: stopped after step {step + 1}; continue with --resume={saved or 'latest'}")
                 raise Preempted()
+
+    tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+    log(f"final val_loss:{val_loss:.4f} train_time:{train_ms / 1000:.2f}s "
+        f"tokens/s:{tokens / (train_ms / 1000):.0f} ({tokens / (train_ms / 1000) / world_size:.0f} per process)")
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    if cfg.sample_tokens and rank == 0:
+        log(f"{SEPARATOR}\n{log_sample(raw_model, cfg)}")
     return val_loss, train_ms
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def text_codec(cfg, meta=None):
+    """(encode, decode, vocabulary size) of cfg's tokens: GPT-2's BPE for a GPT-2 vocabulary, else the
+    characters of the meta.json beside the train shards (or at meta). vocab_size may be larger: it is
+    padded for the matmuls."""
+    if cfg.vocab_size >= 50257:
+        enc = tiktoken.get_encoding("gpt2")
+        return enc.encode_ordinary, enc.decode, enc.n_vocab
+    meta = Path(meta or Path(cfg.train_files).parent / "meta.json")
+    if not meta.is_file():
+        raise UserError(f"{meta}: not found; a character-level model decodes with the meta.json written "
+                        f"beside its shards")
+    chars = json.loads(meta.read_text())["chars"]
+    index = {c: i for i, c in enumerate(chars)}
+
+    def encode(text):
+        unknown = sorted(set(text) - index.keys())
+        if unknown:
+            raise UserError(f"{meta}: the vocabulary has no {''.join(unknown)!r}")
+        return [index[c] for c in text]
+    return encode, lambda ids: "".join(chars[i] for i in ids), len(chars)
+
+
+def start_of_text(cfg, encode):
+    """A prompt to sample from nothing: a document start, or for continuous text a newline."""
+    return [cfg.eot_token] if cfg.eot_token >= 0 else encode("\n")
+
+
+@torch.no_grad()
+def generate(model, prompt, n_tokens, vocab, temperature=0.8, top_k=40, seed=0):
+    """Sample n_tokens ids after the prompt ids. Each step reruns the whole context (at most seq_len
+    tokens): no cache, which short samples do not need. Ids from vocab up, padding, are never drawn."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    ids = torch.tensor([prompt], device=device)
+    for _ in range(n_tokens):
+        logits = model(ids[:, -model.cfg.seq_len:], flex=False)[0, :vocab]
+        if temperature == 0:
+            token = logits.argmax().view(1)
+        else:
+            logits = logits / temperature
+            if top_k:
+                logits = logits.masked_fill(logits < logits.topk(min(top_k, vocab)).values[-1], float("-inf"))
+            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def log_sample(model, cfg):
+    """The end of a run's log: a sample from the trained model. The run is over, so a failure here
+    (no tokenizer files offline, say) is reported, not raised."""
+    head = f"sample: {cfg.sample_tokens} tokens, temperature 0.8, top-k 40, seed {cfg.seed}"
+    try:
+        encode, decode, vocab = text_codec(cfg)
+        ids = generate(model, start_of_text(cfg, encode), cfg.sample_tokens, vocab, seed=cfg.seed)
+        return f"{head}\n{decode(ids)}"
+    except Exception as e:
+        return f"{head}: skipped ({type(e).__name__}: {e})"
 
 
 # ----------------------------------------------------------------------------- main
@@ -1006,13 +1103,7 @@ def main(argv=None):
                 log(SEPARATOR, echo=False)
                 log(text)
             log(SEPARATOR, echo=False)
-        val_loss, train_ms = train(cfg, log, rank, world_size, device, log.path and log.path.parent)
-        tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-        log(f"final val_loss:{val_loss:.4f} train_time:{train_ms / 1000:.2f}s "
-            f"tokens/s:{tokens / (train_ms / 1000):.0f} ({tokens / (train_ms / 1000) / world_size:.0f} per process)")
-        if device.type == "cuda":
-            log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        train(cfg, log, rank, world_size, device, log.path and log.path.parent)
         if log.path:
             print(f"log: {log.path}", flush=True)
         if distributed:  # no rank tears down gloo while another still talks to it (aborts at exit)

@@ -45,7 +45,7 @@ def tiny_config(char_shards, tmp_path, **overrides):
     base = dict(train_files=str(char_shards / "train_*.bin"), val_files=str(char_shards / "val_*.bin"),
                 val_tokens=4096, seq_len=32, batch_size=8, micro_batch_size=8, n_layer=2, model_dim=32,
                 head_dim=16, window=32, steps=6, cooldown_steps=3, muon_momentum_warmup=3, val_every=3,
-                dtype="float32", compile=False, warmup_steps=0, log_dir=str(tmp_path / "logs"))
+                dtype="float32", compile=False, warmup_steps=0, sample_tokens=0, log_dir=str(tmp_path / "logs"))
     return dataclasses.replace(train_gpt.PRESETS["cpu-shakespeare"], **{**base, **overrides})
 
 
