@@ -96,6 +96,8 @@ class Config:
     log_dir: str = "logs"
     save_every: int = 0  # checkpoint every K steps, at the end and on SIGTERM; 0 = never
     sample_tokens: int = 0  # the log ends with a sample of this many tokens (temperature 0.8, top-k 40)
+    hellaswag_every: int = 0  # log HellaSwag accuracy every K steps and at the end (GPT-2 vocabulary); 0 = never
+    hellaswag_file: str = "data/hellaswag/hellaswag_val.jsonl"  # downloaded when missing
     resume: str = ""  # continue from this checkpoint, or "latest": the newest under log_dir
 
 
@@ -183,7 +185,7 @@ def validate(cfg, world_size):
         raise UserError(f"model_dim {cfg.model_dim} is not a multiple of head_dim {cfg.head_dim}")
     if cfg.head_dim % 2:
         raise UserError(f"head_dim must be even for rotary embeddings, got {cfg.head_dim}")
-    for name in ("val_every", "save_every", "sample_tokens"):
+    for name in ("val_every", "save_every", "sample_tokens", "hellaswag_every"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if not 0 <= cfg.cooldown_steps <= cfg.steps:
@@ -192,6 +194,9 @@ def validate(cfg, world_size):
         raise UserError(f"optimizer must be muon or adamw, got {cfg.optimizer!r}")
     if not 0 <= cfg.lr_warmup_steps <= cfg.steps:
         raise UserError(f"lr_warmup_steps {cfg.lr_warmup_steps} must lie in [0, steps={cfg.steps}]")
+    if cfg.hellaswag_every and cfg.vocab_size < 50257:
+        raise UserError(f"hellaswag_every: HellaSwag is English text and needs a GPT-2 vocabulary, not "
+                        f"vocab_size {cfg.vocab_size}")
     if cfg.dtype not in ("bfloat16", "float32"):
         raise UserError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
 
@@ -894,6 +899,18 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
 
+    hellaswag = None
+    if cfg.hellaswag_every:
+        from evals import hellaswag  # evaluation only: what trains stays in this file
+
+        def items():
+            try:
+                return hellaswag.load_items(hellaswag.ensure(cfg.hellaswag_file))
+            except (OSError, ValueError) as e:
+                raise UserError(str(e)) from None
+        on_all_ranks(lambda: rank == 0 and items(), rank, world_size)  # rank 0 downloads first, then the rest
+        hellaswag_items, encode = on_all_ranks(items, rank, world_size), text_codec(cfg)[0]
+
     start, train_ms, val_loss = 0, 0.0, float("nan")
     if cfg.resume:
         start, train_ms = resume(cfg, log, raw_model, optimizers, loader, rank, world_size, device)
@@ -930,11 +947,18 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
         t0 = time.perf_counter()
         for step in range(start, cfg.steps + 1):
             last = step == cfg.steps
-            if last or (cfg.val_every and step % cfg.val_every == 0):
+            validate_now = last or (cfg.val_every and step % cfg.val_every == 0)
+            hellaswag_now = hellaswag and (last or step % cfg.hellaswag_every == 0)
+            if validate_now or hellaswag_now:  # neither is training: untimed
                 sync(device)
                 train_ms += 1000 * (time.perf_counter() - t0)
-                val_loss = evaluate(model, val_tokens, cfg, rank, world_size, device)
-                log(step_line(step, cfg.steps, "val_loss", val_loss, train_ms))
+                if validate_now:
+                    val_loss = evaluate(model, val_tokens, cfg, rank, world_size, device)
+                    log(step_line(step, cfg.steps, "val_loss", val_loss, train_ms))
+                if hellaswag_now:
+                    accuracy = hellaswag.accuracy(raw_model, hellaswag_items, encode, [cfg.eot_token], rank,
+                                                  world_size)
+                    log(step_line(step, cfg.steps, "hellaswag_acc", accuracy, train_ms))
                 sync(device)
                 t0 = time.perf_counter()
             if last:

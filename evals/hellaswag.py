@@ -1,0 +1,140 @@
+"""HellaSwag accuracy of a train_gpt.py checkpoint, on the 10,042 validation items.
+
+    python evals/hellaswag.py latest                      # the newest checkpoint under logs/
+    python evals/hellaswag.py logs/<run>/step_001875.pt --batch 32 --limit 1000
+
+An item is a context and four endings. The model picks the ending with the lowest mean cross-entropy
+per token, given the context: the completion's log-likelihood normalised by its length (what
+GPT-2-era papers report as acc_norm). Contexts start with <|endoftext|>, as documents do in training.
+The official jsonl is downloaded to data/hellaswag/ the first time, with a progress bar.
+`train_gpt.py --hellaswag_every=K` logs the same accuracy during training.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+FILE = "data/hellaswag/hellaswag_val.jsonl"
+
+
+def download(path, url=URL):
+    """Fetch url to path through a temp file, so an interrupted download leaves nothing at path.
+    OSError when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # ranks on one node may race: own temp files
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, \
+                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     desc=f"downloading {path.name}") as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"{url}: download failed ({e}); fetch it by hand to {path}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def ensure(path):
+    return Path(path) if Path(path).is_file() else download(path)
+
+
+def load_items(path, limit=0):
+    """(context, four endings, label) for each line of a HellaSwag jsonl; ValueError naming the line."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                context, endings, label = item["ctx"], list(item["endings"]), int(item["label"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a HellaSwag item ({type(e).__name__}: {e}); expected the "
+                                f"keys ctx, endings and label") from None
+            if len(endings) != 4 or not 0 <= label < 4:
+                raise ValueError(f"{path}:{n}: {len(endings)} endings and label {label}; expected 4 and 0-3")
+            items.append((context, endings, label))
+            if len(items) == limit:
+                break
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+@torch.no_grad()
+def predict(model, items, encode, prefix, batch_items=16, progress=False):
+    """The ending each item's context leads the model to (0-3; the first of equals)."""
+    device = next(model.parameters()).device
+    picks = []
+    for start in tqdm(range(0, len(items), batch_items), desc="hellaswag", disable=not progress):
+        rows, first = [], []  # 4 rows per item: context then ending; where each ending starts
+        for context, endings, _ in items[start:start + batch_items]:
+            ctx = prefix + encode(context)
+            rows += [ctx + encode(" " + ending) for ending in endings]
+            first += [len(ctx)] * 4
+        T = max(map(len, rows)) - 1
+        if T > model.cfg.seq_len:
+            raise ValueError(f"a HellaSwag item of {T + 1} tokens is longer than the model's seq_len {model.cfg.seq_len}")
+        x = torch.zeros(len(rows), T, dtype=torch.int64)
+        y = torch.full((len(rows), T), -100, dtype=torch.int64)  # padding: ignored
+        ending = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, (row, f) in enumerate(zip(rows, first)):
+            x[i, :len(row) - 1], y[i, :len(row) - 1] = torch.tensor(row[:-1]), torch.tensor(row[1:])
+            ending[i, f - 1:len(row) - 1] = True  # the positions whose targets are the ending's tokens
+        losses = model(x.to(device), y.to(device), reduction="none", flex=False).view(len(rows), T).cpu()
+        mean = (losses * ending).sum(1) / ending.sum(1)
+        picks += mean.view(-1, 4).argmin(1).tolist()
+    return picks
+
+
+def accuracy(model, items, encode, prefix, rank=0, world_size=1, batch_items=16, progress=False):
+    """The share of items answered right; ranks split the items and add up their counts."""
+    mine = items[rank::world_size]
+    picks = predict(model, mine, encode, prefix, batch_items, progress)
+    correct = torch.tensor(float(sum(p == label for p, (_, _, label) in zip(picks, mine))),
+                           device=next(model.parameters()).device)
+    if world_size > 1:
+        dist.all_reduce(correct)
+    return correct.item() / len(items)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help='a step_*.pt file, or "latest"')
+    parser.add_argument("--file", default=str(ROOT / FILE), help="the HellaSwag jsonl (downloaded when missing)")
+    parser.add_argument("--batch", type=int, default=16, help="items per forward pass (4 rows each)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N items (0: all)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from train_gpt import UserError, load_model, text_codec  # here: train_gpt.py imports this module too
+    try:
+        cfg, model = load_model(args.checkpoint, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.vocab_size < 50257:
+            raise UserError(f"HellaSwag is English text: it needs a GPT-2 vocabulary, and this model has "
+                            f"{cfg.vocab_size} tokens")
+        items = load_items(ensure(args.file), args.limit)
+        encode = text_codec(cfg)[0]
+        t0 = time.perf_counter()
+        acc = accuracy(model, items, encode, [cfg.eot_token], batch_items=args.batch, progress=True)
+    except (UserError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"hellaswag acc_norm: {acc:.4f} ({round(acc * len(items))}/{len(items)}) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
