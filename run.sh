@@ -67,7 +67,7 @@ fi
 fineweb() {  # the 100M-token shards the run reads (10 for the record; FineWeb-10B has 103)
     local n
     n=$("$PYTHON" -c 'import sys, train_gpt; _, c = train_gpt.parse_config(sys.argv[1:])
-print(min(103, -(-c.steps * c.batch_size * c.seq_len // 10**8)))' "$@")
+print(min(103, train_gpt.shards_to_read(c)))' "$@")
     if [ ! -f data/fineweb10B/fineweb_val_000000.bin ] || [ ! -f "data/fineweb10B/fineweb_train_$(printf %06d "$n").bin" ]; then
         "$PYTHON" data/cached_fineweb10B.py "$n"
     fi

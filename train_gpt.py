@@ -192,6 +192,12 @@ def validate(cfg, world_size):
         raise UserError(f"cooldown_steps {cfg.cooldown_steps} must lie in [0, steps={cfg.steps}]")
     if cfg.optimizer not in ("muon", "adamw"):
         raise UserError(f"optimizer must be muon or adamw, got {cfg.optimizer!r}")
+    if cfg.optimizer != "muon" and (cfg.muon_weight_decay or cfg.muon_rms_match):
+        raise UserError("muon_weight_decay and muon_rms_match apply to Muon: with optimizer=adamw, set "
+                        "adamw_lr and weight_decay")
+    if cfg.muon_weight_decay < 0 or cfg.muon_weight_decay * cfg.muon_lr >= 1:  # W *= 1 - lr * wd
+        raise UserError(f"muon_weight_decay must be 0 or more, with muon_lr x muon_weight_decay below 1; got "
+                        f"{cfg.muon_weight_decay} at lr {cfg.muon_lr}")
     if not 0 <= cfg.lr_warmup_steps <= cfg.steps:
         raise UserError(f"lr_warmup_steps {cfg.lr_warmup_steps} must lie in [0, steps={cfg.steps}]")
     if cfg.hellaswag_every and cfg.vocab_size < 50257:
@@ -297,6 +303,12 @@ class TrainLoader:
                             f"({', '.join(state['files'][:3])}{', ...' if len(state['files']) > 3 else ''})")
         self.shard, self.pos = state["shard"], state["pos"]
         self.tokens = read_shard(self.files[self.shard], self.cfg.vocab_size)
+
+
+def shards_to_read(cfg, shard_tokens=100_000_000):
+    """How many train shards of shard_tokens the run reads before the stream wraps (TrainLoader skips
+    each shard's tail: what is left after its last whole step)."""
+    return -(-cfg.steps // ((shard_tokens - 1) // (cfg.batch_size * cfg.seq_len)))
 
 
 def split_micro_batch(chunk, cfg):
@@ -628,7 +640,8 @@ def build_optimizers(model, cfg, rank, world_size, device):
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint v1"
 # What a resumed run may change: paths, evaluation and execution, nothing that alters the updates.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_tokens", "val_every", "compile", "warmup_steps", "log_dir",
-                     "save_every", "resume", "micro_batch_size"}  # micro-batches, like processes, reorder sums
+                     "save_every", "resume", "sample_tokens", "hellaswag_every", "hellaswag_file",
+                     "micro_batch_size"}  # micro-batches, like processes, reorder sums
 
 
 def source_digest():
@@ -698,10 +711,12 @@ def read_checkpoint(path):
 def load_checkpoint(path, cfg):
     """Read a checkpoint and check that a run with cfg may continue it."""
     ckpt = read_checkpoint(path)
-    theirs, ours = ckpt["config"], dataclasses.asdict(cfg)
-    differ = [k for k in ours if k not in RESUME_MAY_CHANGE and theirs.get(k) != ours[k]]
+    # a field newer than the checkpoint had, in effect, its default value
+    theirs = {**dataclasses.asdict(Config()), **ckpt["config"]}
+    ours = dataclasses.asdict(cfg)
+    differ = [k for k in ours if k not in RESUME_MAY_CHANGE and theirs[k] != ours[k]]
     if differ:
-        shown = "; ".join(f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in differ[:4])
+        shown = "; ".join(f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in differ[:4])
         raise UserError(f"{path} was written by another configuration ({len(differ)} fields differ: {shown}"
                         f"{'; ...' if len(differ) > 4 else ''}): resume with the preset and flags that wrote it")
     return ckpt
@@ -903,13 +918,17 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
     if cfg.hellaswag_every:
         from evals import hellaswag  # evaluation only: what trains stays in this file
 
-        def items():
+        encode, prefix = text_codec(cfg)[0], hellaswag.context_prefix(cfg.eot_token)
+
+        def items():  # checked here, so that no rank fails alone in the middle of an evaluation
             try:
-                return hellaswag.load_items(hellaswag.ensure(cfg.hellaswag_file))
+                items = hellaswag.load_items(hellaswag.ensure(cfg.hellaswag_file))
+                hellaswag.check_lengths(items, encode, prefix, cfg.seq_len)
+                return items
             except (OSError, ValueError) as e:
                 raise UserError(str(e)) from None
         on_all_ranks(lambda: rank == 0 and items(), rank, world_size)  # rank 0 downloads first, then the rest
-        hellaswag_items, encode = on_all_ranks(items, rank, world_size), text_codec(cfg)[0]
+        hellaswag_items = on_all_ranks(items, rank, world_size)
 
     start, train_ms, val_loss = 0, 0.0, float("nan")
     if cfg.resume:
@@ -956,8 +975,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
                     val_loss = evaluate(model, val_tokens, cfg, rank, world_size, device)
                     log(step_line(step, cfg.steps, "val_loss", val_loss, train_ms))
                 if hellaswag_now:
-                    accuracy = hellaswag.accuracy(raw_model, hellaswag_items, encode, [cfg.eot_token], rank,
-                                                  world_size)
+                    accuracy = hellaswag.accuracy(raw_model, hellaswag_items, encode, prefix, rank, world_size)
                     log(step_line(step, cfg.steps, "hellaswag_acc", accuracy, train_ms))
                 sync(device)
                 t0 = time.perf_counter()

@@ -4,8 +4,9 @@
     python evals/hellaswag.py logs/<run>/step_001875.pt --batch 32 --limit 1000
 
 An item is a context and four endings. The model picks the ending with the lowest mean cross-entropy
-per token, given the context: the completion's log-likelihood normalised by its length (what
-GPT-2-era papers report as acc_norm). Contexts start with <|endoftext|>, as documents do in training.
+per token, given the context: the completion's log-likelihood normalised by its length in tokens, as
+llm.c's and nanoGPT's evaluations do (lm-eval-harness's acc_norm divides by bytes instead).
+Contexts start with <|endoftext|>, as documents do in training.
 The official jsonl is downloaded to data/hellaswag/ the first time, with a progress bar.
 `train_gpt.py --hellaswag_every=K` logs the same accuracy during training.
 """
@@ -74,30 +75,51 @@ def load_items(path, limit=0):
     return items
 
 
+def context_prefix(eot_token):
+    """Contexts start as training documents do: with <|endoftext|>, where the data has one."""
+    return [eot_token] if eot_token >= 0 else []
+
+
+def rows(item, encode, prefix):
+    """The item's four token rows, context then ending, and where the endings start."""
+    context, endings, _ = item
+    ctx = prefix + encode(context)
+    return [ctx + encode(" " + ending) for ending in endings], len(ctx)
+
+
+def check_lengths(items, encode, prefix, seq_len):
+    """ValueError if an item's longest row does not fit the model's context."""
+    longest = max(len(row) for item in items for row in rows(item, encode, prefix)[0])
+    if longest - 1 > seq_len:
+        raise ValueError(f"a HellaSwag item takes {longest} tokens, more than the model's seq_len {seq_len} + 1")
+
+
 @torch.no_grad()
-def predict(model, items, encode, prefix, batch_items=16, progress=False):
-    """The ending each item's context leads the model to (0-3; the first of equals)."""
+def ending_losses(model, items, encode, prefix, batch_items=16, progress=False):
+    """(items, 4): each ending's mean cross-entropy per token, given its context."""
     device = next(model.parameters()).device
-    picks = []
+    out = []
     for start in tqdm(range(0, len(items), batch_items), desc="hellaswag", disable=not progress):
-        rows, first = [], []  # 4 rows per item: context then ending; where each ending starts
-        for context, endings, _ in items[start:start + batch_items]:
-            ctx = prefix + encode(context)
-            rows += [ctx + encode(" " + ending) for ending in endings]
-            first += [len(ctx)] * 4
-        T = max(map(len, rows)) - 1
-        if T > model.cfg.seq_len:
-            raise ValueError(f"a HellaSwag item of {T + 1} tokens is longer than the model's seq_len {model.cfg.seq_len}")
-        x = torch.zeros(len(rows), T, dtype=torch.int64)
-        y = torch.full((len(rows), T), -100, dtype=torch.int64)  # padding: ignored
-        ending = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, (row, f) in enumerate(zip(rows, first)):
+        batch, first = [], []
+        for item in items[start:start + batch_items]:
+            item_rows, ending_start = rows(item, encode, prefix)
+            batch += item_rows
+            first += [ending_start] * 4
+        T = max(map(len, batch)) - 1
+        x = torch.zeros(len(batch), T, dtype=torch.int64)
+        y = torch.full((len(batch), T), -100, dtype=torch.int64)  # padding: ignored
+        ending = torch.zeros(len(batch), T, dtype=torch.bool)
+        for i, (row, f) in enumerate(zip(batch, first)):
             x[i, :len(row) - 1], y[i, :len(row) - 1] = torch.tensor(row[:-1]), torch.tensor(row[1:])
             ending[i, f - 1:len(row) - 1] = True  # the positions whose targets are the ending's tokens
-        losses = model(x.to(device), y.to(device), reduction="none", flex=False).view(len(rows), T).cpu()
-        mean = (losses * ending).sum(1) / ending.sum(1)
-        picks += mean.view(-1, 4).argmin(1).tolist()
-    return picks
+        losses = model(x.to(device), y.to(device), reduction="none", flex=False).view(len(batch), T).cpu()
+        out.append(((losses * ending).sum(1) / ending.sum(1)).view(-1, 4))
+    return torch.cat(out)
+
+
+def predict(model, items, encode, prefix, batch_items=16, progress=False):
+    """The ending each item's context leads the model to (0-3; the first of equals)."""
+    return ending_losses(model, items, encode, prefix, batch_items, progress).argmin(1).tolist()
 
 
 def accuracy(model, items, encode, prefix, rank=0, world_size=1, batch_items=16, progress=False):
@@ -126,9 +148,10 @@ def main(argv=None):
             raise UserError(f"HellaSwag is English text: it needs a GPT-2 vocabulary, and this model has "
                             f"{cfg.vocab_size} tokens")
         items = load_items(ensure(args.file), args.limit)
-        encode = text_codec(cfg)[0]
+        encode, prefix = text_codec(cfg)[0], context_prefix(cfg.eot_token)
+        check_lengths(items, encode, prefix, cfg.seq_len)
         t0 = time.perf_counter()
-        acc = accuracy(model, items, encode, [cfg.eot_token], batch_items=args.batch, progress=True)
+        acc = accuracy(model, items, encode, prefix, batch_items=args.batch, progress=True)
     except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -141,6 +141,20 @@ def test_another_configuration_is_refused(char_shards, tmp_path):
     load_checkpoint(path, dataclasses.replace(cfg, val_every=7, log_dir="elsewhere", compile=True, save_every=0))
 
 
+def test_checkpoints_of_older_versions_and_other_evaluation_settings_resume(char_shards, tmp_path):
+    """A field the checkpoint's version did not have counts as its default; a run may change how it is
+    evaluated and sampled."""
+    cfg, path = saved_checkpoint(char_shards, tmp_path)
+    old = torch.load(path, weights_only=True)
+    for field in ("muon_weight_decay", "muon_rms_match", "sample_tokens", "hellaswag_every", "hellaswag_file"):
+        del old["config"][field]
+    torch.save(old, tmp_path / "old.pt")
+    load_checkpoint(tmp_path / "old.pt", cfg)
+    load_checkpoint(path, dataclasses.replace(cfg, sample_tokens=240, hellaswag_every=100, hellaswag_file="h.jsonl"))
+    with pytest.raises(UserError, match="1 fields differ: muon_rms_match=False there, True here"):
+        load_checkpoint(tmp_path / "old.pt", dataclasses.replace(cfg, muon_rms_match=True))
+
+
 def test_other_train_shards_are_refused(char_shards, tmp_path):
     cfg, path = saved_checkpoint(char_shards, tmp_path)
     moved = tmp_path / "renamed"

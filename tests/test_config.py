@@ -44,6 +44,9 @@ def test_batch_must_divide_among_processes():
     (dict(optimizer="sgd"), "optimizer must be muon or adamw, got 'sgd'"),
     (dict(lr_warmup_steps=-1), r"lr_warmup_steps -1 must lie in \[0, steps=1875\]"),
     (dict(save_every=-5), "save_every must be 0 or more, got -5"),
+    (dict(optimizer="adamw", muon_rms_match=True), "muon_weight_decay and muon_rms_match apply to Muon"),
+    (dict(muon_weight_decay=-0.1), r"muon_weight_decay must be 0 or more, .* got -0.1 at lr 0.04"),
+    (dict(muon_weight_decay=30.0), r"muon_lr x muon_weight_decay below 1; got 30.0 at lr 0.04"),
 ])
 def test_inconsistent_settings(change, message):
     with pytest.raises(UserError, match=message):

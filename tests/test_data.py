@@ -10,8 +10,8 @@ import cached_fineweb10B
 import fineweb
 import tinyshakespeare
 from conftest import ROOT, config_args, cpu_env, tiny_config
-from train_gpt import (HEADER_BYTES, SHARD_MAGIC, TrainLoader, UserError, find_shards, load_val_tokens,
-                       read_header, read_shard, write_shard)
+from train_gpt import (HEADER_BYTES, PRESETS, SHARD_MAGIC, TrainLoader, UserError, find_shards, load_val_tokens,
+                       read_header, read_shard, shards_to_read, write_shard)
 
 
 def test_shard_round_trip(tmp_path):
@@ -119,6 +119,32 @@ def test_train_loader_moves_through_shards_in_order(tmp_path, char_shards):
     loader = TrainLoader(cfg, 0, 1, torch.device("cpu"))  # 600 tokens: two steps of 257 per shard
     firsts = [loader.next_batches()[0][0][0, 0].item() for _ in range(5)]
     assert firsts == [0, 0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("steps", [7, 8, 9])
+def test_shards_to_read_is_what_the_loader_reads(tmp_path, char_shards, steps):
+    """With shards_to_read(cfg) shards the loader reaches the last step without wrapping to the first
+    shard; one shard fewer, it wraps. Shards of 1000 tokens hold 3 steps of 257 (the tail is skipped)."""
+    cfg = tiny_config(char_shards, tmp_path, steps=steps, train_files=str(tmp_path / "train_*.bin"))
+    n = shards_to_read(cfg, shard_tokens=1000)
+    assert n == -(-steps // 3)
+    for shards, wraps in ((n, False), (n - 1, True)):
+        for old in tmp_path.glob("train_*.bin"):
+            old.unlink()
+        for i in range(shards):
+            write_shard(tmp_path / f"train_{i:06d}.bin", np.full(1000, i))
+        loader = TrainLoader(cfg, 0, 1, torch.device("cpu"))
+        visited = []
+        for _ in range(steps):
+            loader.next_batches()
+            visited.append(loader.shard)
+        assert (visited != sorted(visited)) == wraps, visited
+
+
+def test_fineweb_presets_fit_in_fineweb10b():
+    """FineWeb-10B has 103 train shards of 100M tokens: every GPT preset reads them without wrapping."""
+    assert {name: shards_to_read(cfg) for name, cfg in PRESETS.items() if "fineweb" in cfg.train_files} == {
+        "gpt2-speedrun": 10, "gpt2-medium": 27, "gpt2-large": 85, "gpt2-xl": 100}
 
 
 def test_val_tokens_are_the_first_of_the_split(tmp_path, char_shards):

@@ -106,6 +106,24 @@ def test_weight_decay_is_decoupled():
     torch.testing.assert_close(w2.detach(), before * 0.95 - 0.1 * update, atol=1e-6, rtol=1e-5)
 
 
+def test_weight_decay_follows_the_lr_schedule(char_shards, tmp_path):
+    """In the cooldown the decay shrinks with the lr: W *= 1 - lr(t) * wd, lr(t) the scheduled lr."""
+    from conftest import tiny_config
+    cfg = tiny_config(char_shards, tmp_path, muon_weight_decay=0.5, muon_lr=0.1, steps=10, cooldown_steps=5)
+    model = GPT(cfg)
+    (muon,) = [o for o in build_optimizers(model, cfg, 0, 1, torch.device("cpu")) if isinstance(o, Muon)]
+    step = 8  # lr_factor 0.4
+    for group in muon.param_groups:
+        group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    before = [p.detach().clone() for g in muon.param_groups for p in g["params"]]
+    muon.step()
+    after = [p.detach() for g in muon.param_groups for p in g["params"]]
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b * (1 - 0.1 * 0.4 * 0.5), atol=0, rtol=0)
+
+
 def test_moonlight_options_are_off_in_the_record():
     cfg = PRESETS["gpt2-speedrun"]
     assert cfg.muon_weight_decay == 0 and not cfg.muon_rms_match

@@ -1,0 +1,1 @@
+"""Evaluations of train_gpt.py checkpoints."""
