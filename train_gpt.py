@@ -36,6 +36,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+try:  # the Gram-matrix kernel of Newton-Schulz; without Triton, torch's matmul does the same
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 
 class UserError(Exception):
     """Bad input the user can fix (a path, a shard, a flag): reported as one line, no traceback."""
@@ -485,6 +491,52 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------- optimizer
 
+if triton is not None:
+    @triton.jit
+    def gram_kernel(X, A, M, K, sxb, sxm, sxk, sab, sam, san, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """A[b] = X[b] @ X[b]^T. A is symmetric: the program of tile (i, j) with i <= j computes it,
+        accumulating in fp32, and stores it at (i, j) and transposed at (j, i), exactly symmetric
+        (a diagonal tile keeps its upper half); programs below the diagonal return at once."""
+        i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if i > j:
+            return
+        rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        ks = tl.arange(0, BLOCK_K)
+        X += b * sxb
+        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            left = tl.load(X + rows[:, None] * sxm + (k + ks)[None, :] * sxk,
+                           mask=(rows[:, None] < M) & ((k + ks)[None, :] < K), other=0.0)
+            right = tl.load(X + cols[None, :] * sxm + (k + ks)[:, None] * sxk,  # X[cols]^T, (BLOCK_K, BLOCK_M)
+                            mask=(cols[None, :] < M) & ((k + ks)[:, None] < K), other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 anyway
+                left, right = left.to(tl.float32), right.to(tl.float32)
+            acc = tl.dot(left, right, acc, input_precision="ieee" if IEEE else "tf32")
+        out = acc.to(A.dtype.element_ty)
+        A += b * sab
+        inside = (rows[:, None] < M) & (cols[None, :] < M)
+        tl.store(A + rows[:, None] * sam + cols[None, :] * san, out, mask=inside & (rows[:, None] <= cols[None, :]))
+        tl.store(A + cols[None, :] * sam + rows[:, None] * san, out, mask=inside & (rows[:, None] < cols[None, :]))
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on the CPU: how the kernel is tested
+
+
+def gram(X, block_m=64, block_k=32):
+    """X @ X^T for a matrix or a batch of them (...,  M, K) -> (..., M, M): the Triton kernel on CUDA,
+    else torch."""
+    if triton is None or not (X.is_cuda or TRITON_INTERPRET):
+        return X @ X.mT
+    batch = X.reshape(-1, *X.shape[-2:])
+    B, M, K = batch.shape
+    A = torch.empty(B, M, M, dtype=X.dtype, device=X.device)
+    tiles = triton.cdiv(M, block_m)
+    gram_kernel[(tiles, tiles, B)](batch, A, M, K, *batch.stride(), *A.stride(), BLOCK_M=block_m,
+                                   BLOCK_K=block_k, IEEE=X.dtype == torch.float32, UPCAST=TRITON_INTERPRET)
+    return A.view(*X.shape[:-1], M)
+
+
 def newton_schulz(G, steps=5, dtype=torch.bfloat16):
     """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' in ~[0.7, 1.2].
 
@@ -497,8 +549,8 @@ def newton_schulz(G, steps=5, dtype=torch.bfloat16):
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        A = gram(X)
+        X = a * X + (b * A + c * gram(A)) @ X  # A is symmetric: A @ A = A @ A^T
     return X.mT if tall else X
 
 
