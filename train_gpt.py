@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -85,6 +86,7 @@ class Config:
     # updates scaled to RMS 0.2 (0.2 * sqrt(max(rows, cols))) like AdamW's, so AdamW's lr and wd carry over
     muon_weight_decay: float = 0.0
     muon_rms_match: bool = False
+    muon_triton: bool = True  # on CUDA, Newton-Schulz's Gram matrices by the Triton kernel (torch's matmul if off)
     embed_lr: float = 0.6
     head_lr: float = 0.008
     scalar_lr: float = 0.04
@@ -104,6 +106,8 @@ class Config:
     sample_tokens: int = 0  # the log ends with a sample of this many tokens (temperature 0.8, top-k 40)
     hellaswag_every: int = 0  # log HellaSwag accuracy every K steps and at the end (GPT-2 vocabulary); 0 = never
     hellaswag_file: str = "data/hellaswag/hellaswag_val.jsonl"  # downloaded when missing
+    benchmark: bool = False  # instead of training: time steps on random tokens, print speed, FLOPs, MFU
+    profile: bool = False  # instead of training: a profiler trace of a few steps, and the top kernels
     resume: str = ""  # continue from this checkpoint, or "latest": the newest under log_dir
 
 
@@ -162,8 +166,8 @@ def parse_config(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset())
     for f in dataclasses.fields(Config):
-        kind = {bool: _parse_bool}.get(f.type, f.type)
-        parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.type.__name__.upper())
+        switch = dict(type=_parse_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)
+        parser.add_argument(f"--{f.name}", default=None, metavar=f.type.__name__.upper(), **switch)  # --flag = true
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
     return args.preset, dataclasses.replace(PRESETS[args.preset], **overrides)
@@ -537,11 +541,13 @@ def gram(X, block_m=64, block_k=32):
     return A.view(*X.shape[:-1], M)
 
 
-def newton_schulz(G, steps=5, dtype=torch.bfloat16):
+def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True):
     """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' in ~[0.7, 1.2].
 
     A quintic iteration whose coefficients (Muon write-up) push every singular value of the
-    Frobenius-normalised input towards 1 as fast as possible, trading exactness for speed."""
+    Frobenius-normalised input towards 1 as fast as possible, trading exactness for speed. Its two
+    symmetric products go through gram(), unless triton_gram is off."""
+    product = gram if triton_gram else lambda X: X @ X.mT
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
@@ -549,8 +555,8 @@ def newton_schulz(G, steps=5, dtype=torch.bfloat16):
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        A = gram(X)
-        X = a * X + (b * A + c * gram(A)) @ X  # A is symmetric: A @ A = A @ A^T
+        A = product(X)
+        X = a * X + (b * A + c * product(A)) @ X  # A is symmetric: A @ A = A @ A^T
     return X.mT if tall else X
 
 
@@ -566,13 +572,14 @@ class Muon(torch.optim.Optimizer):
     of about 0.2, as AdamW's typically has. weight_decay is decoupled: W *= 1 - lr * weight_decay."""
 
     def __init__(self, params, lr, momentum, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
-                 weight_decay=0.0, rms_match=False, rank=0, world_size=1):
+                 weight_decay=0.0, rms_match=False, triton_gram=True, rank=0, world_size=1):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == s]} for s in shapes]
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay))
-        self.ns_dtype, self.rms_match, self.rank, self.world_size = ns_dtype, rms_match, rank, world_size
+        self.ns_dtype, self.rms_match, self.triton_gram = ns_dtype, rms_match, triton_gram
+        self.rank, self.world_size = rank, world_size
 
     def share(self, params):
         """This rank's slice of a group, (start, length): ceil(len / world_size), so the last rank may
@@ -603,7 +610,7 @@ class Muon(torch.optim.Optimizer):
                 else:
                     grads = bufs
                 updates[lo:lo + len(mine)] = newton_schulz(torch.stack(grads), group["ns_steps"],
-                                                           self.ns_dtype)
+                                                           self.ns_dtype, self.triton_gram)
             work = None
             if self.world_size > 1:
                 work = dist.all_gather_single(updates, updates[lo:lo + share], async_op=True)
@@ -679,8 +686,8 @@ def build_optimizers(model, cfg, rank, world_size, device):
     if cfg.optimizer == "muon":
         optimizers.append(Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum_start,
                                ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.dtype),
-                               weight_decay=cfg.muon_weight_decay, rms_match=cfg.muon_rms_match, rank=rank,
-                               world_size=world_size))
+                               weight_decay=cfg.muon_weight_decay, rms_match=cfg.muon_rms_match,
+                               triton_gram=cfg.muon_triton, rank=rank, world_size=world_size))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -902,6 +909,67 @@ def evaluate(model, val_tokens, cfg, rank, world_size, device):
     return total.item() / n_targets
 
 
+def build(cfg, rank, world_size, device):
+    """The model (itself, compiled, and wrapped for DDP) and its optimizers."""
+    flex = device.type == "cuda"  # FlexAttention has no backward on CPU
+    if flex and not cfg.compile:
+        raise UserError("on CUDA, --compile=false would run FlexAttention unfused, materialising every "
+                        "seq_len x seq_len score matrix; keep compile on")
+    raw_model = GPT(cfg, flex=flex).to(device)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    ddp_model = model
+    if world_size > 1:  # the only buffers are the rotary tables, the same on every rank
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        forward_sync_buffers=False)
+    return raw_model, model, ddp_model, build_optimizers(raw_model, cfg, rank, world_size, device)
+
+
+def train_step(step, batches, cfg, ddp_model, optimizers, world_size, sigterm=None):
+    """One update from this rank's micro-batches; returns the mean train loss and whether SIGTERM reached
+    any rank by the end of the step."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
+    for group in (g for opt in optimizers if isinstance(opt, Muon) for g in opt.param_groups):
+        group["momentum"] = muon_momentum(step, cfg)
+    device = batches[0][0].device
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(batches):
+        last = i == len(batches) - 1
+        with ddp_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+            loss = ddp_model(x, y)
+            (loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    for opt in optimizers:
+        opt.step()
+    ddp_model.zero_grad(set_to_none=True)
+    stop = float(sigterm is not None and sigterm.is_set())
+    stats = torch.stack([loss_sum / len(batches), torch.tensor(stop, device=device)])
+    if world_size > 1:  # one all-reduce carries both
+        dist.all_reduce(stats)
+    loss, stops = stats.tolist()
+    return loss / world_size, stops > 0
+
+
+def random_batches(cfg, world_size, device):
+    """This rank's micro-batches for one step, of uniformly random tokens."""
+    n_tokens = cfg.micro_batch_size * cfg.seq_len + 1
+    return [split_micro_batch(torch.randint(0, cfg.vocab_size, (n_tokens,), device=device), cfg)
+            for _ in range(cfg.batch_size // (cfg.micro_batch_size * world_size))]
+
+
+def warm_up(cfg, raw_model, ddp_model, optimizers, world_size, device):
+    """Untimed steps on random tokens (the record rules allow them) compile every kernel; then the
+    weights and optimizer state go back to their initial values."""
+    initial_model = {k: v.clone() for k, v in raw_model.state_dict().items()}
+    initial_opts = [opt.state_dict() for opt in optimizers]
+    for _ in range(cfg.warmup_steps):
+        train_step(0, random_batches(cfg, world_size, device), cfg, ddp_model, optimizers, world_size)
+    raw_model.load_state_dict(initial_model)
+    for opt, state in zip(optimizers, initial_opts):
+        opt.load_state_dict(state)
+
+
 def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=None):
     """Train from scratch or from cfg.resume; return the final val loss and the train time in ms.
     Rank 0 writes the checkpoints to run_dir."""
@@ -916,55 +984,9 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
         f"this run reads {reads:,}" + (" (it wraps: more shards would give fresh tokens)"
                                        if reads > loader.usable_tokens else ""))
     log(f"val: {len(val_tokens) - 1:,} targets")
-    flex = device.type == "cuda"  # FlexAttention has no backward on CPU
-    if flex and not cfg.compile:
-        raise UserError("on CUDA, --compile=false would run FlexAttention unfused, materialising every "
-                        "seq_len x seq_len score matrix; keep compile on")
-    raw_model = GPT(cfg, flex=flex).to(device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    ddp_model = model
-    if world_size > 1:  # the only buffers are the rotary tables, the same on every rank
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        forward_sync_buffers=False)
-    optimizers = build_optimizers(raw_model, cfg, rank, world_size, device)
-    accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
-
-    def train_step(step, batches, sigterm=None):
-        """One update; returns the mean train loss and whether SIGTERM reached any rank by its end."""
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
-        for group in (g for opt in optimizers if isinstance(opt, Muon) for g in opt.param_groups):
-            group["momentum"] = muon_momentum(step, cfg)
-        loss_sum = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(batches):
-            last = i == len(batches) - 1
-            with ddp_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
-                loss = ddp_model(x, y)
-                (loss / accumulation).backward()
-            loss_sum += loss.detach()
-        for opt in optimizers:
-            opt.step()
-        ddp_model.zero_grad(set_to_none=True)
-        stop = float(sigterm is not None and sigterm.is_set())
-        stats = torch.stack([loss_sum / accumulation, torch.tensor(stop, device=device)])
-        if world_size > 1:  # one all-reduce carries both
-            dist.all_reduce(stats)
-        loss, stops = stats.tolist()
-        return loss / world_size, stops > 0
-
-    # Untimed warm-up on random tokens (allowed by the record rules) compiles every kernel;
-    # then weights and optimizer state go back to their initial values.
+    raw_model, model, ddp_model, optimizers = build(cfg, rank, world_size, device)
     if cfg.warmup_steps:
-        initial_model = {k: v.clone() for k, v in raw_model.state_dict().items()}
-        initial_opts = [opt.state_dict() for opt in optimizers]
-        for _ in range(cfg.warmup_steps):
-            n_tokens = cfg.micro_batch_size * cfg.seq_len + 1
-            train_step(0, [split_micro_batch(torch.randint(0, cfg.vocab_size, (n_tokens,), device=device), cfg)
-                           for _ in range(accumulation)])
-        raw_model.load_state_dict(initial_model)
-        for opt, state in zip(optimizers, initial_opts):
-            opt.load_state_dict(state)
+        warm_up(cfg, raw_model, ddp_model, optimizers, world_size, device)
 
     hellaswag = None
     if cfg.hellaswag_every:
@@ -1033,7 +1055,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
                 t0 = time.perf_counter()
             if last:
                 break
-            loss, stop = train_step(step, loader.next_batches(), sigterm)
+            loss, stop = train_step(step, loader.next_batches(), cfg, ddp_model, optimizers, world_size, sigterm)
             log(step_line(step + 1, cfg.steps, "train_loss", loss,
                           train_ms + 1000 * (time.perf_counter() - t0)))
             if not math.isfinite(loss):
@@ -1125,6 +1147,112 @@ def log_sample(model, cfg):
         return f"{head}: skipped ({type(e).__name__}: {e})"
 
 
+# ----------------------------------------------------------------------------- benchmark
+
+def attended_keys(seq_len, window):
+    """How many keys a query attends to on average: causal, within the window. Document boundaries,
+    which depend on the data, are not counted."""
+    w = min(window, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def matmul_weights(cfg):
+    """The weights of the matrix products: the blocks' (q, k, v, proj and the MLP's two) and the head."""
+    return cfg.n_layer * (4 + 2 * cfg.mlp_ratio) * cfg.model_dim ** 2 + cfg.model_dim * cfg.vocab_size
+
+
+def flops_per_token(cfg, keys=None):
+    """Model FLOPs per training token, as MFU counts them: forward and backward are 3 forwards, so 6 per
+    weight of a matrix product (the embedding is a lookup), plus attention's scores and weighted sum,
+    2 x 2 x model_dim per attended key and layer, tripled: 6 W + 12 n_layer model_dim keys."""
+    keys = attended_keys(cfg.seq_len, cfg.window) if keys is None else keys
+    return 6 * matmul_weights(cfg) + 12 * cfg.n_layer * cfg.model_dim * keys
+
+
+def peak_flops(device, dtype):
+    """(FLOP/s, what it is) of the device's dense peak; (None, why) when unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tflops = next((t for key, t in (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312))
+                       if key in name), None)
+        return (tflops and tflops * 1e12), f"{name}, {tflops or 'unknown'} TFLOP/s dense bf16"
+    info = {}
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+    mhz, threads = float(info.get("cpu MHz", 0)), torch.get_num_threads()
+    per_cycle = 32  # two 256-bit fp32 FMA units; a bf16 dot product instruction does twice the work
+    bf16 = dtype == "bfloat16" and "avx512_bf16" in info.get("flags", "").split()
+    per_cycle *= 2 if bf16 else 1
+    peak = threads * mhz * 1e6 * per_cycle
+    return (peak or None), (f"CPU, {threads} threads x {mhz / 1000:.2f} GHz x {per_cycle} "
+                            f"{'bf16' if bf16 else 'fp32'} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s")
+
+
+def benchmark(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=None, steps=10):
+    """Time training steps on random tokens after the warm-up and log a line per figure; with
+    cfg.profile, also profile three steps: a trace in run_dir and a table of the top kernels."""
+    validate(cfg, world_size)
+    torch.manual_seed(cfg.seed)
+    raw_model, model, ddp_model, optimizers = build(cfg, rank, world_size, device)
+    warm = max(cfg.warmup_steps, 1)
+    warm_up(dataclasses.replace(cfg, warmup_steps=warm), raw_model, ddp_model, optimizers, world_size, device)
+    batches = random_batches(cfg, world_size, device)
+    muon_s, started = [0.0], [0.0]
+
+    def muon_started(*_):
+        sync(device)
+        started[0] = time.perf_counter()
+
+    def muon_done(*_):
+        sync(device)
+        muon_s[0] += time.perf_counter() - started[0]
+    for opt in (opt for opt in optimizers if isinstance(opt, Muon)):
+        opt.register_step_pre_hook(muon_started)
+        opt.register_step_post_hook(muon_done)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        train_step(step, batches, cfg, ddp_model, optimizers, world_size)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    per_process = steps * cfg.batch_size * cfg.seq_len / elapsed / world_size
+    flops, keys = flops_per_token(cfg), attended_keys(cfg.seq_len, cfg.window)
+    peak, peak_text = peak_flops(device, cfg.dtype)
+    gram_by = "Triton" if triton is not None and device.type == "cuda" and cfg.muon_triton else "torch"
+    log(f"benchmark: {steps} steps of {cfg.batch_size * cfg.seq_len:,} random tokens after {warm} warm-up "
+        f"steps, {world_size} process(es)")
+    log(f"tokens/s per process: {per_process:,.0f}")
+    log(f"model FLOPs per token: {flops / 1e9:.4f} GFLOP = 6 x {matmul_weights(cfg):,} matmul weights + 12 x "
+        f"{cfg.n_layer} layers x {cfg.model_dim} x {keys:.1f} attended keys (causal, window {cfg.window}, "
+        f"seq_len {cfg.seq_len})")
+    log(f"MFU: {flops * per_process / peak:.1%} of {peak_text}" if peak else f"MFU: unknown ({peak_text})")
+    log(f"Muon step: {muon_s[0] / elapsed:.1%} of the step time ({1000 * muon_s[0] / steps:.1f} of "
+        f"{1000 * elapsed / steps:.1f} ms; Gram matrices by {gram_by})")
+    if device.type == "cuda":
+        log(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated, "
+            f"{torch.cuda.max_memory_reserved(device) // 2**20} MiB reserved")
+    else:
+        log(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB resident")
+    if cfg.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+            for step in range(3):
+                train_step(step, batches, cfg, ddp_model, optimizers, world_size)
+            sync(device)
+        if rank == 0:
+            trace = Path(run_dir or ".") / "trace.json"
+            profiler.export_chrome_trace(str(trace))
+            by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            log(profiler.key_averages().table(sort_by=by, row_limit=15))
+            log(f"profile: {trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    return per_process
+
+
 # ----------------------------------------------------------------------------- main
 
 SEPARATOR = "=" * 100
@@ -1197,7 +1325,8 @@ def main(argv=None):
                 log(SEPARATOR, echo=False)
                 log(text)
             log(SEPARATOR, echo=False)
-        train(cfg, log, rank, world_size, device, log.path and log.path.parent)
+        run = benchmark if cfg.benchmark or cfg.profile else train
+        run(cfg, log, rank, world_size, device, log.path and log.path.parent)
         if log.path:
             print(f"log: {log.path}", flush=True)
         if distributed:  # no rank tears down gloo while another still talks to it (aborts at exit)

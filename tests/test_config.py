@@ -15,6 +15,11 @@ def test_preset_then_overrides():
                                train_files=PRESETS["gpt2-speedrun"].train_files) == PRESETS["gpt2-speedrun"]
 
 
+def test_a_bare_switch_is_true():
+    _, cfg = parse_config(["--preset", "gpt2-speedrun", "--benchmark", "--compile", "false"])
+    assert cfg.benchmark is True and cfg.compile is False
+
+
 def test_presets_differ_only_where_set():
     _, cfg = parse_config(["--preset", "cpu-shakespeare"])
     assert cfg == PRESETS["cpu-shakespeare"] and cfg.vocab_size == 65 and cfg.val_tokens == 0

@@ -1,0 +1,55 @@
+"""Benchmark mode: the FLOPs formula against PyTorch's FLOP counter, the printed figures, profiling."""
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train_gpt
+from conftest import config_args, tiny_config
+from train_gpt import GPT, attended_keys, flops_per_token
+
+
+@pytest.mark.parametrize("seq_len, window", [(8, 3), (64, 64), (64, 16), (10, 100)])
+def test_attended_keys_is_the_mean_over_positions(seq_len, window):
+    assert attended_keys(seq_len, window) == pytest.approx(
+        sum(min(t + 1, window) for t in range(seq_len)) / seq_len)
+
+
+@pytest.mark.parametrize("n_layer, model_dim, mlp_ratio", [(2, 32, 4), (3, 48, 2)])
+def test_flops_formula_matches_the_flop_counter(char_shards, tmp_path, n_layer, model_dim, mlp_ratio):
+    """PyTorch counts the matrix products of a forward and backward pass. On CPU, attention is a dense
+    product over all seq_len keys (the mask zeroes scores, it does not skip them), so the formula,
+    given keys=seq_len, must give exactly the counted FLOPs."""
+    cfg = tiny_config(char_shards, tmp_path, n_layer=n_layer, model_dim=model_dim, head_dim=16,
+                      mlp_ratio=mlp_ratio, vocab_size=80, seq_len=32, window=32)
+    model = GPT(cfg)
+    x, y = torch.randint(0, 65, (2, 4, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(x, y).backward()
+    assert counter.get_total_flops() == flops_per_token(cfg, keys=cfg.seq_len) * x.numel()
+
+
+def test_benchmark_prints_its_figures(char_shards, tmp_path):
+    cfg = tiny_config(char_shards, tmp_path, warmup_steps=1, benchmark=True, profile=True)
+    lines = []
+    assert train_gpt.benchmark(cfg, lines.append, run_dir=tmp_path, steps=3) > 0
+    text = "\n".join(lines)
+    tokens = float(re.search(r"^tokens/s per process: ([\d,]+)$", text, re.M).group(1).replace(",", ""))
+    gflop = float(re.search(r"^model FLOPs per token: ([\d.]+) GFLOP = 6 x ", text, re.M).group(1))
+    assert gflop == pytest.approx(flops_per_token(cfg) / 1e9, abs=1e-4)
+    mfu = re.search(r"^MFU: ([\d.]+)% of CPU, \d+ threads x [\d.]+ GHz x (32|64) (fp32|bf16) FLOP/cycle", text, re.M)
+    peak = train_gpt.peak_flops(torch.device("cpu"), cfg.dtype)[0]
+    assert float(mfu.group(1)) == pytest.approx(100 * flops_per_token(cfg) * tokens / peak, rel=0.01, abs=0.05)
+    share = float(re.search(r"^Muon step: ([\d.]+)% of the step time .*Gram matrices by torch\)$", text, re.M).group(1))
+    assert 0 < share < 100
+    assert re.search(r"^peak memory: \d+ MiB resident$", text, re.M)
+    assert "Self CPU" in text and (tmp_path / "trace.json").is_file()  # the profile's table and trace
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+
+
+def test_benchmark_from_the_command_line_needs_no_data(tmp_path, capsys):
+    assert train_gpt.main(["--preset", "cpu-shakespeare", "--benchmark", "--compile=false", "--warmup_steps=1",
+                           "--train_files=nowhere/*.bin", f"--log_dir={tmp_path}"]) == 0
+    assert "tokens/s per process:" in capsys.readouterr().out
