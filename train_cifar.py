@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 
 class UserError(Exception):
@@ -361,6 +363,74 @@ def train_run(cfg, data, device, seed, model=None, run_model=None):
     return accuracy.item(), seconds, epochs
 
 
+def benchmark(cfg, device, log, steps=20):
+    """Time training steps on random images after a warm-up (compiled on CUDA); log images/s, FLOPs per
+    image (counted by torch's FLOP counter: convolutions and the head, forward and backward), MFU,
+    Muon's share of the step and peak memory."""
+    torch.manual_seed(0)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    model = build_model(cfg, device)
+    model.init_whitening(x[:cfg.whiten_images], cfg.whiten_eps)
+    run_model = torch.compile(model) if device.type == "cuda" else model
+    sgd, muon = build_optimizers(model, cfg, device)
+
+    def step(net):
+        F.cross_entropy(net(x).float(), y, label_smoothing=cfg.label_smoothing, reduction="sum").backward()
+        sgd.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        step(model)
+    for _ in range(3):
+        step(run_model)
+    muon_s, started = [0.0], [0.0]
+
+    def muon_started(*_):
+        sync(device)
+        started[0] = time.perf_counter()
+
+    def muon_done(*_):
+        sync(device)
+        muon_s[0] += time.perf_counter() - started[0]
+    muon.register_step_pre_hook(muon_started)
+    muon.register_step_post_hook(muon_done)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(run_model)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    images_s, flops = steps * cfg.batch_size / elapsed, counter.get_total_flops() / cfg.batch_size
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tflops = next((t for key, t in (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312))
+                       if key in name), None)
+        peak, peak_text = (tflops or 0) * 1e12, f"{name}, {tflops or 'unknown'} TFLOP/s dense fp16"
+    else:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+        mhz = float(next((line.split(":")[1] for line in cpuinfo.splitlines() if line.startswith("cpu MHz")), 0))
+        per_cycle = 64 if " avx512f" in cpuinfo else 32  # two fp32 FMA units of 16 (AVX-512) or 8 lanes
+        threads = torch.get_num_threads()
+        peak = threads * mhz * 1e6 * per_cycle
+        peak_text = (f"CPU, {threads} threads x {mhz / 1000:.2f} GHz x {per_cycle} fp32 FLOP/cycle = "
+                     f"{peak / 1e9:.0f} GFLOP/s")
+    log(f"benchmark: {steps} steps of {cfg.batch_size} random images after 3 warm-up steps")
+    log(f"images/s: {images_s:,.0f}")
+    log(f"model FLOPs per image: {flops / 1e6:.1f} MFLOP (forward and backward, counted by torch.utils.flop_counter)")
+    log(f"MFU: {flops * images_s / peak:.1%} of {peak_text}" if peak else f"MFU: unknown ({peak_text})")
+    log(f"Muon step: {muon_s[0] / elapsed:.1%} of the step time ({1000 * muon_s[0] / steps:.1f} of "
+        f"{1000 * elapsed / steps:.1f} ms)")
+    if device.type == "cuda":
+        log(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated")
+    else:
+        log(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB resident")
+    return images_s
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -405,6 +475,8 @@ def parse_args(argv):
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data" / "cifar10",
                         help=f"the folder holding {BATCHES_DIR}/")
     parser.add_argument("--log-dir", type=Path, default=Path("logs") / "cifar")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="instead of training: time steps on random images, print speed, FLOPs and MFU")
     return parser.parse_args(argv)
 
 
@@ -435,7 +507,10 @@ def main(argv=None):
         log(text)
     log(SEPARATOR, echo=False)
     try:
-        run_all(args, cfg, device, log)
+        if args.benchmark:
+            benchmark(cfg, device, log)
+        else:
+            run_all(args, cfg, device, log)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         log(f"error: {e}", echo=False)

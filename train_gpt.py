@@ -1180,10 +1180,10 @@ def peak_flops(device, dtype):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
-    mhz, threads = float(info.get("cpu MHz", 0)), torch.get_num_threads()
-    per_cycle = 32  # two 256-bit fp32 FMA units; a bf16 dot product instruction does twice the work
-    bf16 = dtype == "bfloat16" and "avx512_bf16" in info.get("flags", "").split()
-    per_cycle *= 2 if bf16 else 1
+    mhz, threads, flags = float(info.get("cpu MHz", 0)), torch.get_num_threads(), info.get("flags", "").split()
+    # fp32 per thread: two FMA units of 8 lanes (AVX2) or 16 (AVX-512); bf16 dot products do twice that
+    bf16 = dtype == "bfloat16" and "avx512_bf16" in flags
+    per_cycle = (64 if "avx512f" in flags else 32) * (2 if bf16 else 1)
     peak = threads * mhz * 1e6 * per_cycle
     return (peak or None), (f"CPU, {threads} threads x {mhz / 1000:.2f} GHz x {per_cycle} "
                             f"{'bf16' if bf16 else 'fp32'} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s")

@@ -39,7 +39,7 @@ def test_benchmark_prints_its_figures(char_shards, tmp_path):
     tokens = float(re.search(r"^tokens/s per process: ([\d,]+)$", text, re.M).group(1).replace(",", ""))
     gflop = float(re.search(r"^model FLOPs per token: ([\d.]+) GFLOP = 6 x ", text, re.M).group(1))
     assert gflop == pytest.approx(flops_per_token(cfg) / 1e9, abs=1e-4)
-    mfu = re.search(r"^MFU: ([\d.]+)% of CPU, \d+ threads x [\d.]+ GHz x (32|64) (fp32|bf16) FLOP/cycle", text, re.M)
+    mfu = re.search(r"^MFU: ([\d.]+)% of CPU, \d+ threads x [\d.]+ GHz x (32|64|128) (fp32|bf16) FLOP/cycle", text, re.M)
     peak = train_gpt.peak_flops(torch.device("cpu"), cfg.dtype)[0]
     assert float(mfu.group(1)) == pytest.approx(100 * flops_per_token(cfg) * tokens / peak, rel=0.01, abs=0.05)
     share = float(re.search(r"^Muon step: ([\d.]+)% of the step time .*Gram matrices by torch\)$", text, re.M).group(1))

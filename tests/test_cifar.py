@@ -296,3 +296,15 @@ def test_counts_must_be_positive(flag, capsys):
     with pytest.raises(SystemExit) as e:
         tc.parse_args([flag])
     assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+def test_benchmark_prints_its_figures():
+    import re
+    lines = []
+    images_s = tc.benchmark(tc.Config(batch_size=64), torch.device("cpu"), lines.append, steps=2)
+    text = "\n".join(lines)
+    assert f"images/s: {images_s:,.0f}" in text and images_s > 0
+    flops = float(re.search(r"^model FLOPs per image: ([\d.]+) MFLOP", text, re.M).group(1))
+    assert 500 < flops < 1000  # a fixed network: about 0.74 GFLOP per image, forward and backward
+    assert re.search(r"^MFU: [\d.]+% of CPU, \d+ threads", text, re.M)
+    assert 0 < float(re.search(r"^Muon step: ([\d.]+)% of the step time", text, re.M).group(1)) < 100
