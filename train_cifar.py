@@ -376,13 +376,17 @@ def benchmark(cfg, device, log, steps=20):
     run_model = torch.compile(model) if device.type == "cuda" else model
     sgd, muon = build_optimizers(model, cfg, device)
 
-    def step(net):
+    def forward_backward(net):
         F.cross_entropy(net(x).float(), y, label_smoothing=cfg.label_smoothing, reduction="sum").backward()
+
+    def step(net):
+        forward_backward(net)
         sgd.step()
         muon.step()
         model.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as counter:
-        step(model)
+    with FlopCounterMode(display=False) as counter:  # the model's FLOPs, not the optimizers'
+        forward_backward(model)
+    model.zero_grad(set_to_none=True)
     for _ in range(3):
         step(run_model)
     muon_s, started = [0.0], [0.0]
