@@ -87,7 +87,7 @@ class Config:
     # updates scaled to RMS 0.2 (0.2 * sqrt(max(rows, cols))) like AdamW's, so AdamW's lr and wd carry over
     muon_weight_decay: float = 0.0
     muon_rms_match: bool = False
-    muon_triton: bool = True  # on CUDA, Newton-Schulz's Gram matrices by the Triton kernel (torch's matmul if off)
+    muon_triton: bool = True  # on CUDA in bf16, Newton-Schulz's Gram matrices by the Triton kernel, else torch's
     embed_lr: float = 0.6
     head_lr: float = 0.008
     scalar_lr: float = 0.04
@@ -509,7 +509,7 @@ if triton is not None:
         rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = j * BLOCK_M + tl.arange(0, BLOCK_M)
         ks = tl.arange(0, BLOCK_K)
-        X += b * sxb
+        X += b.to(tl.int64) * sxb  # offsets past 2^31 elements in a large batch
         acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             left = tl.load(X + rows[:, None] * sxm + (k + ks)[None, :] * sxk,
@@ -520,7 +520,7 @@ if triton is not None:
                 left, right = left.to(tl.float32), right.to(tl.float32)
             acc = tl.dot(left, right, acc, input_precision="ieee" if IEEE else "tf32")
         out = acc.to(A.dtype.element_ty)
-        A += b * sab
+        A += b.to(tl.int64) * sab
         inside = (rows[:, None] < M) & (cols[None, :] < M)
         tl.store(A + rows[:, None] * sam + cols[None, :] * san, out, mask=inside & (rows[:, None] <= cols[None, :]))
         tl.store(A + cols[None, :] * sam + rows[:, None] * san, out, mask=inside & (rows[:, None] < cols[None, :]))
@@ -529,12 +529,17 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on the CP
 gram_kernel_failed = []  # the error, once the kernel failed on this machine
 
 
+def gram_by_kernel(X):
+    """Whether Newton-Schulz's products of X go through the kernel: on CUDA in 16-bit (in fp32 the
+    kernel would forgo the tensor cores that torch's matmul uses), or anywhere under the interpreter."""
+    on_gpu = X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
+    return triton is not None and (on_gpu or TRITON_INTERPRET) and not gram_kernel_failed
+
+
 def gram(X, block_m=64, block_k=32):
-    """X @ X^T for a matrix or a batch of them (..., M, K) -> (..., M, M): the Triton kernel on CUDA,
-    else torch. Should the kernel fail to build or run on a card, the run warns once and goes on with
-    torch (not under the interpreter, where the tests must see the error)."""
-    if triton is None or not (X.is_cuda or TRITON_INTERPRET) or gram_kernel_failed:
-        return X @ X.mT
+    """X @ X^T for a matrix or a batch of them (..., M, K) -> (..., M, M), by the Triton kernel. Should
+    it fail to build or launch on a card, the run warns once and goes on with torch (not under the
+    interpreter, where the tests must see the error)."""
     batch = X.reshape(-1, *X.shape[-2:])
     B, M, K = batch.shape
     A = torch.empty(B, M, M, dtype=X.dtype, device=X.device)
@@ -556,17 +561,18 @@ def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True):
 
     A quintic iteration whose coefficients (Muon write-up) push every singular value of the
     Frobenius-normalised input towards 1 as fast as possible, trading exactness for speed. Its two
-    symmetric products go through gram(), unless triton_gram is off."""
-    product = gram if triton_gram else lambda X: X @ X.mT
+    symmetric products go through the Triton kernel on CUDA, unless triton_gram is off."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    kernel = triton_gram and gram_by_kernel(X)
     for _ in range(steps):
-        A = product(X)
-        X = a * X + (b * A + c * product(A)) @ X  # A is symmetric: A @ A = A @ A^T
+        A = gram(X) if kernel else X @ X.mT
+        B = b * A + (c * gram(A) if kernel else c * A @ A)  # A is symmetric: A @ A = A @ A^T
+        X = a * X + B @ X
     return X.mT if tall else X
 
 
@@ -709,7 +715,7 @@ def build_optimizers(model, cfg, rank, world_size, device):
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint v1"
 # What a resumed run may change: paths, evaluation and execution, nothing that alters the updates.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_tokens", "val_every", "compile", "warmup_steps", "log_dir",
-                     "save_every", "resume", "sample_tokens", "hellaswag_every", "hellaswag_file",
+                     "save_every", "resume", "sample_tokens", "hellaswag_every", "hellaswag_file", "muon_triton",
                      "micro_batch_size"}  # micro-batches, like processes, reorder sums
 
 
@@ -997,6 +1003,8 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
     raw_model, model, ddp_model, optimizers = build(cfg, rank, world_size, device)
     if cfg.warmup_steps:
         warm_up(cfg, raw_model, ddp_model, optimizers, world_size, device)
+    if gram_kernel_failed:
+        log(f"note: the Triton Gram kernel failed ({gram_kernel_failed[0]}); Newton-Schulz runs on torch's matmul")
 
     hellaswag = None
     if cfg.hellaswag_every:
@@ -1183,7 +1191,8 @@ def peak_flops(device, dtype):
     """(FLOP/s, what it is) of the device's dense peak; (None, why) when unknown."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        tflops = next((t for key, t in (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312))
+        tflops = next((t for key, t in (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989),
+                                        ("A100", 312))
                        if key in name), None)
         return (tflops and tflops * 1e12), f"{name}, {tflops or 'unknown'} TFLOP/s dense bf16"
     info = {}
@@ -1207,7 +1216,21 @@ def benchmark(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_di
     raw_model, model, ddp_model, optimizers = build(cfg, rank, world_size, device)
     warm = max(cfg.warmup_steps, 1)
     warm_up(dataclasses.replace(cfg, warmup_steps=warm), raw_model, ddp_model, optimizers, world_size, device)
+    if gram_kernel_failed:
+        log(f"note: the Triton Gram kernel failed ({gram_kernel_failed[0]}); Newton-Schulz runs on torch's matmul")
     batches = random_batches(cfg, world_size, device)
+
+    def timed(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            train_step(step, batches, cfg, ddp_model, optimizers, world_size)
+        sync(device)
+        return time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elapsed = timed(steps)
+    # Muon's share, in steps of their own: its hooks synchronise, which would slow the steps above
     muon_s, started = [0.0], [0.0]
 
     def muon_started(*_):
@@ -1217,21 +1240,16 @@ def benchmark(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_di
     def muon_done(*_):
         sync(device)
         muon_s[0] += time.perf_counter() - started[0]
-    for opt in (opt for opt in optimizers if isinstance(opt, Muon)):
-        opt.register_step_pre_hook(muon_started)
-        opt.register_step_post_hook(muon_done)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        train_step(step, batches, cfg, ddp_model, optimizers, world_size)
-    sync(device)
-    elapsed = time.perf_counter() - t0
+    hooks = [hook for opt in optimizers if isinstance(opt, Muon)
+             for hook in (opt.register_step_pre_hook(muon_started), opt.register_step_post_hook(muon_done))]
+    hooked = timed(steps)
+    for hook in hooks:
+        hook.remove()
     per_process = steps * cfg.batch_size * cfg.seq_len / elapsed / world_size
     flops, keys = flops_per_token(cfg), attended_keys(cfg.seq_len, cfg.window)
     peak, peak_text = peak_flops(device, cfg.dtype)
-    gram_by = "Triton" if triton is not None and device.type == "cuda" and cfg.muon_triton else "torch"
+    probe = torch.empty(0, device=device, dtype=getattr(torch, cfg.dtype))  # what Newton-Schulz gets
+    gram_by = "Triton" if cfg.muon_triton and gram_by_kernel(probe) else "torch"
     log(f"benchmark: {steps} steps of {cfg.batch_size * cfg.seq_len:,} random tokens after {warm} warm-up "
         f"steps, {world_size} process(es)")
     log(f"tokens/s per process: {per_process:,.0f}")
@@ -1239,8 +1257,8 @@ def benchmark(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_di
         f"{cfg.n_layer} layers x {cfg.model_dim} x {keys:.1f} attended keys (causal, window {cfg.window}, "
         f"seq_len {cfg.seq_len})")
     log(f"MFU: {flops * per_process / peak:.1%} of {peak_text}" if peak else f"MFU: unknown ({peak_text})")
-    log(f"Muon step: {muon_s[0] / elapsed:.1%} of the step time ({1000 * muon_s[0] / steps:.1f} of "
-        f"{1000 * elapsed / steps:.1f} ms; Gram matrices by {gram_by})")
+    log(f"Muon step: {muon_s[0] / hooked:.1%} of the step time ({1000 * muon_s[0] / steps:.1f} of "
+        f"{1000 * hooked / steps:.1f} ms; Gram matrices by {gram_by})")
     if device.type == "cuda":
         log(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated, "
             f"{torch.cuda.max_memory_reserved(device) // 2**20} MiB reserved")

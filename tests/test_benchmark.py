@@ -12,9 +12,18 @@ from train_gpt import GPT, attended_keys, flops_per_token
 
 
 @pytest.mark.parametrize("seq_len, window", [(8, 3), (64, 64), (64, 16), (10, 100)])
-def test_attended_keys_is_the_mean_over_positions(seq_len, window):
-    assert attended_keys(seq_len, window) == pytest.approx(
-        sum(min(t + 1, window) for t in range(seq_len)) / seq_len)
+def test_attended_keys_is_what_the_mask_allows(seq_len, window):
+    """The mean number of keys per query in the model's own mask, on one document."""
+    mask = train_gpt.attention_mask(torch.zeros(1, seq_len, dtype=torch.int64), -1, window, flex=False)
+    assert attended_keys(seq_len, window) == pytest.approx(mask.sum().item() / seq_len)
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312)])
+def test_gpu_peaks(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak, text = train_gpt.peak_flops(torch.device("cuda", 0), "bfloat16")
+    assert peak == tflops * 1e12 and text == f"{name}, {tflops} TFLOP/s dense bf16"
 
 
 @pytest.mark.parametrize("n_layer, model_dim, mlp_ratio", [(2, 32, 4), (3, 48, 2)])

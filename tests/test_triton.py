@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, cpu_env
 
@@ -38,8 +39,8 @@ for shape, block_m, block_k in json.loads(sys.argv[1]):
         symmetric=bool(torch.equal(A32, A32.mT) and torch.equal(A16, A16.mT))))
 G = torch.randn(3, 96, 40)  # tall: Newton-Schulz iterates on the 40 x 40 Gram matrix
 kernel = train_gpt.newton_schulz(G, dtype=torch.float32)
-train_gpt.TRITON_INTERPRET = False  # the same iteration with torch's matmul
-print(json.dumps(dict(cases=out, ns_diff=(kernel - train_gpt.newton_schulz(G, dtype=torch.float32)).abs().max().item())))
+torch_only = train_gpt.newton_schulz(G, dtype=torch.float32, triton_gram=False)  # the same with torch's matmul
+print(json.dumps(dict(cases=out, ns_diff=(kernel - torch_only).abs().max().item())))
 """
 
 CASES = [  # (shape, BLOCK_M, BLOCK_K): square, tall, wide, batched; sizes that are not multiples of the blocks
@@ -74,3 +75,37 @@ def test_gram_kernel_matches_torch(interpreted, index):
 
 def test_newton_schulz_with_the_kernel_matches_torch(interpreted):
     assert interpreted["ns_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("arch, product", [(90, "wgmma"), (80, "mma.sync")])
+def test_the_gpu_path_compiles(arch, product):
+    """What the interpreter does not run, bf16 tiles straight into tensor-core products, compiled to PTX
+    on the CPU for Hopper and Ampere."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import train_gpt
+    signature = {"X": "*bf16", "A": "*bf16", **{name: "i32" for name in ("M", "K", "sxb", "sxm", "sxk", "sab", "sam", "san")},
+                 **{name: "constexpr" for name in ("BLOCK_M", "BLOCK_K", "IEEE", "UPCAST")}}
+    source = ASTSource(fn=train_gpt.gram_kernel, signature=signature,
+                       constexprs=dict(BLOCK_M=64, BLOCK_K=32, IEEE=False, UPCAST=False))
+    ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+    assert product in ptx and "bf16" in ptx
+
+
+def test_a_failing_kernel_falls_back_to_torch_once(monkeypatch):
+    import train_gpt
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no kernel image for this card")
+            return launch
+    monkeypatch.setattr(train_gpt, "gram_kernel", Broken())
+    monkeypatch.setattr(train_gpt, "gram_kernel_failed", [])
+    X = torch.randn(2, 8, 5)
+    with pytest.warns(UserWarning, match="the Triton Gram kernel failed .*no kernel image"):
+        assert torch.equal(train_gpt.gram(X), X @ X.mT)
+    assert len(train_gpt.gram_kernel_failed) == 1
+    assert not train_gpt.gram_by_kernel(X.cuda() if torch.cuda.is_available() else X)
