@@ -4,8 +4,10 @@
     python train_gpt.py                                              # the CPU track, without CUDA
     python train_gpt.py --preset cpu-shakespeare --steps=100 --seed=1
     python train_gpt.py --save_every=50 --resume=latest              # checkpoints; continue the newest
+    python train_gpt.py --preset gpt2-speedrun --benchmark           # tokens/s, FLOPs, MFU
 
-Sections: config and presets, data, model, optimizer, training loop, main.
+Sections: config and presets, data, model, optimizer, checkpoints, training loop, sampling, benchmark,
+main.
 """
 import argparse
 import contextlib
