@@ -1189,6 +1189,14 @@ def flops_per_token(cfg, keys=None):
     return 6 * matmul_weights(cfg) + 12 * cfg.n_layer * cfg.model_dim * keys
 
 
+def cpu_info():
+    """The fields of /proc/cpuinfo, the last processor's where it lists several ({} without the file)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return {}
+    with open("/proc/cpuinfo") as f:
+        return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+
 def peak_flops(device, dtype):
     """(FLOP/s, what it is) of the device's dense peak; (None, why) when unknown."""
     if device.type == "cuda":
@@ -1197,10 +1205,7 @@ def peak_flops(device, dtype):
                                         ("A100", 312))
                        if key in name), None)
         return (tflops and tflops * 1e12), f"{name}, {tflops or 'unknown'} TFLOP/s dense bf16"
-    info = {}
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+    info = cpu_info()
     mhz, threads, flags = float(info.get("cpu MHz", 0)), torch.get_num_threads(), info.get("flags", "").split()
     # fp32 per thread: two FMA units of 8 lanes (AVX2) or 16 (AVX-512); bf16 dot products do twice that
     bf16 = dtype == "bfloat16" and "avx512_bf16" in flags
@@ -1298,11 +1303,9 @@ def environment_report(device):
         except (OSError, subprocess.TimeoutExpired) as e:
             lines.append(f"nvidia-smi unavailable: {e}")
     else:
-        model, flags = platform.processor() or platform.machine(), set()
-        if os.path.exists("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as f:
-                info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
-            model, flags = info.get("model name", model), set(info.get("flags", "").split())
+        info = cpu_info()
+        model = info.get("model name", platform.processor() or platform.machine())
+        flags = set(info.get("flags", "").split())
         vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]  # bf16 speed hinges on these
         lines.append(f"cpu: {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
                      f"{' '.join(vector) or 'no avx2'}")

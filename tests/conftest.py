@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +53,20 @@ def tiny_config(char_shards, tmp_path, **overrides):
 def config_args(cfg):
     """The command-line flags that reproduce a config."""
     return [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
+
+
+def trainer_command(nproc):
+    """train_gpt.py as users start it: one process, or torchrun with nproc gloo processes."""
+    if nproc == 1:
+        return [sys.executable, str(ROOT / "train_gpt.py")]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / "train_gpt.py")]
+
+
+def run_trainer(cfg, nproc=1):
+    """Run train_gpt.py on the CPU with cfg's flags; return its parsed log."""
+    from tools.logs import parse_log, printed_log_path
+    result = subprocess.run([*trainer_command(nproc), *config_args(cfg)], capture_output=True, text=True,
+                            env=cpu_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return parse_log(printed_log_path(result.stdout))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
-from train_gpt import GPT, PRESETS, attend, attention_mask, document_mask
+from train_gpt import GPT, attend, attention_mask, document_mask
 from conftest import tiny_config
 
 EOT = 7

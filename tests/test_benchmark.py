@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train_gpt
-from conftest import config_args, tiny_config
+from conftest import tiny_config
 from train_gpt import GPT, attended_keys, flops_per_token
 
 

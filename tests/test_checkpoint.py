@@ -3,15 +3,14 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import train_gpt
-from conftest import ROOT, config_args, cpu_env, tiny_config
-from tools.logs import parse_log, parse_step, printed_log_path
+from conftest import config_args, cpu_env, run_trainer, tiny_config, trainer_command
+from tools.logs import parse_step
 from train_gpt import UserError, load_checkpoint
 
 
@@ -186,11 +185,7 @@ def test_divergence_stops_the_run_and_saves_nothing_bad(char_shards, tmp_path, c
 def sigterm_at_step(cfg, k, nproc=1, rank=0):
     """Start a run; once it logs step k, send SIGTERM to the process of `rank` alone (as when one node
     of several is reclaimed). Return the launcher's exit code, stdout and stderr."""
-    launch = [sys.executable, str(ROOT / "train_gpt.py")]
-    if nproc > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                  str(ROOT / "train_gpt.py")]
-    proc = subprocess.Popen([*launch, *config_args(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([*trainer_command(nproc), *config_args(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cpu_env())
     for line in proc.stdout:
         if line.startswith(f"step:{k}/"):
@@ -226,14 +221,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(char_shards, tmp
     step = stopped_at(out, cfg)
     assert 10 <= step < 400
 
-    def run(cfg):
-        result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), *config_args(cfg)],
-                                capture_output=True, text=True, env=cpu_env(), timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return parse_log(printed_log_path(result.stdout))
-
-    resumed = run(dataclasses.replace(cfg, resume="latest"))
-    whole = run(dataclasses.replace(cfg, log_dir=str(tmp_path / "whole")))
+    resumed = run_trainer(dataclasses.replace(cfg, resume="latest"))
+    whole = run_trainer(dataclasses.replace(cfg, log_dir=str(tmp_path / "whole")))
     assert resumed.steps[0].step == step + 1
     tail = [(s.step, s.kind, s.loss) for s in whole.steps if s.step > step]
     assert [(s.step, s.kind, s.loss) for s in resumed.steps] == tail
@@ -251,15 +240,8 @@ def test_sigterm_to_one_rank_stops_all_and_two_processes_resume_exactly(char_sha
     step = stopped_at(out, cfg)
     assert 10 <= step < 300
 
-    def run(cfg):
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(ROOT / "train_gpt.py"), *config_args(cfg)],
-                                capture_output=True, text=True, env=cpu_env(), timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return parse_log(printed_log_path(result.stdout))
-
-    resumed = run(dataclasses.replace(cfg, resume="latest"))
-    whole = run(dataclasses.replace(cfg, log_dir=str(tmp_path / "whole")))
+    resumed = run_trainer(dataclasses.replace(cfg, resume="latest"), nproc=2)
+    whole = run_trainer(dataclasses.replace(cfg, log_dir=str(tmp_path / "whole")), nproc=2)
     assert [(s.step, s.loss) for s in resumed.steps] == [(s.step, s.loss) for s in whole.steps if s.step > step]
     (a,), (b,) = [list(log.path.parent.glob("step_000300.pt")) for log in (resumed, whole)]
     assert_same_state(load_checkpoint(a, cfg), load_checkpoint(b, cfg))

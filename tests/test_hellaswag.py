@@ -7,7 +7,7 @@ import tiktoken
 import torch
 
 import train_gpt
-from conftest import ROOT, config_args, tiny_config
+from conftest import config_args, tiny_config
 from evals import hellaswag
 from tools.logs import parse_log
 

@@ -154,7 +154,7 @@ def test_summarize_and_significance_commands(tiny_logs, capsys):
     assert records.main(["summarize", *map(str, tiny_logs)]) == 0
     out = capsys.readouterr().out
     losses = [runs_from_log(parse_log(p))[0].result for p in tiny_logs]
-    assert f"mean of 3" in out and f"{np.mean(losses):.4f}" in out and f"{np.std(losses, ddof=1):.4f}" in out
+    assert "mean of 3" in out and f"{np.mean(losses):.4f}" in out and f"{np.std(losses, ddof=1):.4f}" in out
     assert records.main(["significance", *map(str, tiny_logs), "--target", "5"]) == 0
     p = stats.ttest_1samp(losses, 5.0, alternative="less").pvalue
     assert f"p = {p:.3g}" in capsys.readouterr().out

@@ -1,14 +1,12 @@
 import dataclasses
 import math
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
 import train_gpt
-from conftest import ROOT, config_args, cpu_env, tiny_config
+from conftest import ROOT, config_args, run_trainer, tiny_config
 from tools.logs import Step, parse_log, parse_step
 
 
@@ -67,19 +65,6 @@ def test_accumulated_gradient_is_the_batch_gradient(char_shards, tmp_path, monke
     assert sum(int(g.count_nonzero()) for g in whole) > 1000
     for a, b in zip(whole, accumulated):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-
-
-def run_trainer(cfg, nproc):
-    """Run train_gpt.py as users do, one process or torchrun with gloo; return its parsed log."""
-    launch = [sys.executable, str(ROOT / "train_gpt.py")]
-    if nproc > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                  str(ROOT / "train_gpt.py")]
-    result = subprocess.run([*launch, *config_args(cfg)], capture_output=True, text=True, env=cpu_env(),
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    paths = [line.split("log: ", 1)[1] for line in result.stdout.splitlines() if line.startswith("log: ")]
-    return parse_log(paths[-1])
 
 
 def test_accumulation_matches_two_processes(char_shards, tmp_path):
