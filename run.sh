@@ -6,7 +6,12 @@
 #                                without: the CPU track on tiny Shakespeare, data preparation included.
 #   ./run.sh cifar [args]        the CIFAR-10 speedrun (train_cifar.py), downloading CIFAR-10 first
 #                                if data/cifar10 lacks it.
-#   ./run.sh test [pytest args]  the test suite (CPU only, offline).
+#   ./run.sh preflight [args]    checks that this node can run the preset (--preset NAME, --no-data,
+#                                --key=value as for the trainer): versions, data, numerics, collectives,
+#                                the real step, a checkpoint; launched as the run is. Fetches nothing.
+#   ./run.sh benchmark [args]    speed of train_gpt.py's steps on random tokens (--profile: a trace too);
+#   ./run.sh benchmark cifar     ... and of train_cifar.py's.
+#   ./run.sh test [pytest args]  the test suite (CPU only, offline); `./run.sh test -m gpu`: the GPU tests.
 #
 # Several nodes: run the same command on each, with torchrun's usual environment:
 #   NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0's address> [MASTER_PORT=29500] ./run.sh
@@ -50,6 +55,18 @@ if [ "${1:-}" = "cifar" ]; then
     exec "$PYTHON" train_cifar.py "$@"
 fi
 
+if [ "${1:-}" = "benchmark" ] && [ "${2:-}" = "cifar" ]; then
+    shift 2
+    exec "$PYTHON" -m tools.benchmark cifar "$@"
+fi
+
+# What runs on every process: the trainer, or the preflight or benchmark, which take the trainer's flags.
+case "${1:-}" in
+    preflight) shift; target=(-m tools.preflight) ;;
+    benchmark) shift; target=(-m tools.benchmark) ;;
+    *) target=(train_gpt.py) ;;
+esac
+
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
@@ -79,21 +96,25 @@ shakespeare() {
         "$PYTHON" data/tinyshakespeare.py --input "$text"
     fi
 }
-# The data the preset reads, unless the arguments name their own shards.
+# The data the preset reads, unless the arguments name their own shards. The preflight prepares tiny
+# Shakespeare as a run would, but checks FineWeb's shards rather than fetch gigabytes; the benchmark needs no data.
 case " $* " in
-    *" --train_files"*" --val_files"*|*" --val_files"*" --train_files"*) ;;
-    *" --preset cpu-shakespeare "*|*" --preset=cpu-shakespeare "*) shakespeare ;;
-    *" --preset"*) fineweb "$@" ;;
-    *) if [ "$gpus" -gt 0 ]; then fineweb "$@"; else shakespeare; fi ;;
+    *" --train_files"*" --val_files"*|*" --val_files"*" --train_files"*) data="" ;;
+    *" --preset cpu-shakespeare "*|*" --preset=cpu-shakespeare "*) data=shakespeare ;;
+    *" --preset"*) data=fineweb ;;
+    *) if [ "$gpus" -gt 0 ]; then data=fineweb; else data=shakespeare; fi ;;
+esac
+case "${target[*]} $data" in
+    "train_gpt.py fineweb"|"train_gpt.py shakespeare"|"-m tools.preflight shakespeare") "$data" "$@" ;;
 esac
 
 if [ "$nnodes" -gt 1 ]; then
     # Static rendezvous: ranks follow NODE_RANK, so rank 0 (the log and the checkpoints) is on node 0.
     exec "$PYTHON" -m torch.distributed.run --nnodes="$nnodes" --node_rank="$NODE_RANK" \
         --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" \
-        --nproc_per_node="$(( nproc > 0 ? nproc : 1 ))" train_gpt.py "$@"
+        --nproc_per_node="$(( nproc > 0 ? nproc : 1 ))" "${target[@]}" "$@"
 fi
 if [ "$nproc" -gt 1 ] || [ "$gpus" -gt 0 ]; then
-    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" train_gpt.py "$@"
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" "${target[@]}" "$@"
 fi
-exec "$PYTHON" train_gpt.py "$@"
+exec "$PYTHON" "${target[@]}" "$@"

@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 
 class UserError(Exception):
@@ -112,10 +110,17 @@ def load_cifar10(data_dir):
 
 
 def to_device(images, device, dtype):
-    """uint8 (N, 32, 32, 3) -> normalised (N, 3, 32, 32), channels-last, on the device, all at once."""
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
-    return ((x - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+    """uint8 (N, 32, 32, 3) -> (N, 3, 32, 32) in [0, 1], channels-last, on the device, all at once.
+    Untimed, like the record's loading; normalize() is left to the timed run."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).to(dtype).div(255)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def normalize(images):
+    """(images - MEAN) / STD per channel, computed in the images' dtype (fp16 on CUDA) as the record's
+    Normalize does; part of every timed run, as in the record."""
+    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(1, 3, 1, 1) for v in (MEAN, STD))
+    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -288,18 +293,26 @@ def shift(images, dy, dx):
 
 @torch.no_grad()
 def predict(model, images, batch_size=2000):
-    """Test-time augmentation: logits averaged over both flips and, for each, the image itself
-    (weight 1/2) and its 1-pixel diagonal shifts (1/4 each). Averaging over both flips makes the
-    prediction exactly invariant to flipping the input."""
+    """Test-time augmentation as in the record: mirror(v) averages the logits of v and of v flipped;
+    the prediction is 1/2 mirror(x) + 1/4 mirror(shift(x, 1, 1)) + 1/4 mirror(shift(x, -1, -1)).
+    The shifted views are flipped after shifting, so the six views are not closed under flipping
+    and the prediction is not exactly invariant to flipping the input."""
     model.eval()
+
+    def mirror(view):
+        return 0.5 * model(view) + 0.5 * model(view.flip(-1))  # flip keeps the channels-last layout
     out = []
     for x in images.split(batch_size):
-        views = []
-        for view in (x, x.flip(-1)):
-            views.append(0.5 * model(view) + 0.25 * (model(shift(view, 1, 1)) + model(shift(view, -1, -1))))
-        out.append((views[0] + views[1]).float() / 2)
+        logits = 0.5 * mirror(x) + 0.25 * (mirror(shift(x, 1, 1)) + mirror(shift(x, -1, -1)))
+        out.append(logits.float())
     model.train()
     return torch.cat(out)
+
+
+def loss_fn(logits, labels, cfg):
+    """Summed cross-entropy in fp32 with the record's label smoothing: the target puts
+    1 - label_smoothing + label_smoothing / 10 on the label and label_smoothing / 10 on every class."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing, reduction="sum")
 
 
 def build_model(cfg, device):
@@ -313,12 +326,14 @@ def build_model(cfg, device):
 
 
 def train_run(cfg, data, device, seed, model=None, run_model=None):
-    """One training run from scratch; return (test accuracy, seconds, per-epoch stats).
+    """One training run from scratch on images from to_device (in [0, 1], not yet normalised); return
+    (test accuracy, seconds, per-epoch stats).
 
-    The time covers everything after the data is on the device: whitening set-up, training and the
-    final test-time-augmented evaluation. Given a model and its compiled form (CUDA), the run loads
-    fresh initial weights into them, so every run reuses the code compiled once."""
-    train_x, train_y, test_x, test_y = data
+    The time covers everything after the data is on the device, as the record's does: normalising
+    the train and test images, whitening set-up, training and the final test-time-augmented
+    evaluation. Given a model and its compiled form (CUDA), the run loads fresh initial weights into
+    them, so every run reuses the code compiled once."""
+    raw_train_x, train_y, raw_test_x, test_y = data
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     fresh = build_model(cfg, device)
@@ -327,14 +342,15 @@ def train_run(cfg, data, device, seed, model=None, run_model=None):
     else:
         model.load_state_dict(fresh.state_dict())
     sgd, muon = build_optimizers(model, cfg, device)
-    steps_per_epoch = len(train_x) // cfg.batch_size
+    steps_per_epoch = len(raw_train_x) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
     whiten_bias_steps = cfg.whiten_bias_epochs * steps_per_epoch
     if total == 0:
-        raise UserError(f"{len(train_x)} training images make no batch of {cfg.batch_size}")
+        raise UserError(f"{len(raw_train_x)} training images make no batch of {cfg.batch_size}")
 
     sync(device)
     start = time.perf_counter()
+    train_x = normalize(raw_train_x)  # inside the clock: the record times its normalisation too
     model.init_whitening(train_x[:cfg.whiten_images], cfg.whiten_eps)
     first_flips = torch.rand(len(train_x), device=device, generator=generator) < 0.5
     stats, step = [], 0
@@ -346,7 +362,7 @@ def train_run(cfg, data, device, seed, model=None, run_model=None):
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * lr_factor(step, total, whiten_bias_steps, g)
             logits = run_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+            loss = loss_fn(logits, y, cfg)
             loss.backward()
             sgd.step()
             muon.step()
@@ -355,84 +371,12 @@ def train_run(cfg, data, device, seed, model=None, run_model=None):
             correct += (logits.argmax(1) == y).sum()
             step += 1
         stats.append((loss_sum, correct))  # read after the clock stops: no sync inside the run
-    accuracy = (predict(run_model, test_x).argmax(1) == test_y).float().mean()
+    accuracy = (predict(run_model, normalize(raw_test_x)).argmax(1) == test_y).float().mean()
     sync(device)
     seconds = time.perf_counter() - start
     n = steps_per_epoch * cfg.batch_size
     epochs = [(loss.item() / n, c.item() / n) for loss, c in stats]
     return accuracy.item(), seconds, epochs
-
-
-def benchmark(cfg, device, log, steps=20):
-    """Time training steps on random images after a warm-up (compiled on CUDA); log images/s, FLOPs per
-    image (counted by torch's FLOP counter: convolutions and the head, forward and backward), MFU,
-    Muon's share of the step and peak memory."""
-    torch.manual_seed(0)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
-    model = build_model(cfg, device)
-    model.init_whitening(x[:cfg.whiten_images], cfg.whiten_eps)
-    run_model = torch.compile(model) if device.type == "cuda" else model
-    sgd, muon = build_optimizers(model, cfg, device)
-
-    def forward_backward(net):
-        F.cross_entropy(net(x).float(), y, label_smoothing=cfg.label_smoothing, reduction="sum").backward()
-
-    def step(net):
-        forward_backward(net)
-        sgd.step()
-        muon.step()
-        model.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as counter:  # the model's FLOPs, not the optimizers'
-        forward_backward(model)
-    model.zero_grad(set_to_none=True)
-    for _ in range(3):
-        step(run_model)
-    muon_s, started = [0.0], [0.0]
-
-    def muon_started(*_):
-        sync(device)
-        started[0] = time.perf_counter()
-
-    def muon_done(*_):
-        sync(device)
-        muon_s[0] += time.perf_counter() - started[0]
-    muon.register_step_pre_hook(muon_started)
-    muon.register_step_post_hook(muon_done)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(run_model)
-    sync(device)
-    elapsed = time.perf_counter() - start
-    images_s, flops = steps * cfg.batch_size / elapsed, counter.get_total_flops() / cfg.batch_size
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        tflops = next((t for key, t in (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312))
-                       if key in name), None)
-        peak, peak_text = (tflops or 0) * 1e12, f"{name}, {tflops or 'unknown'} TFLOP/s dense fp16"
-    else:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
-        mhz = float(next((line.split(":")[1] for line in cpuinfo.splitlines() if line.startswith("cpu MHz")), 0))
-        per_cycle = 64 if " avx512f" in cpuinfo else 32  # two fp32 FMA units of 16 (AVX-512) or 8 lanes
-        threads = torch.get_num_threads()
-        peak = threads * mhz * 1e6 * per_cycle
-        peak_text = (f"CPU, {threads} threads x {mhz / 1000:.2f} GHz x {per_cycle} fp32 FLOP/cycle = "
-                     f"{peak / 1e9:.0f} GFLOP/s")
-    log(f"benchmark: {steps} steps of {cfg.batch_size} random images after 3 warm-up steps")
-    log(f"images/s: {images_s:,.0f}")
-    log(f"model FLOPs per image: {flops / 1e6:.1f} MFLOP (forward and backward, counted by torch.utils.flop_counter)")
-    log(f"MFU: {flops * images_s / peak:.1%} of {peak_text}" if peak else f"MFU: unknown ({peak_text})")
-    log(f"Muon step: {muon_s[0] / elapsed:.1%} of the step time ({1000 * muon_s[0] / steps:.1f} of "
-        f"{1000 * elapsed / steps:.1f} ms)")
-    if device.type == "cuda":
-        log(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated")
-    else:
-        log(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB resident")
-    return images_s
 
 
 def sync(device):
@@ -462,6 +406,31 @@ def environment_report(device):
     return "\n".join(lines)
 
 
+def start_log(log_dir, header, device, sources=("train_cifar.py",)):
+    """log(text, echo=True), appending to <log_dir>/<date>_<id>/log.txt (log.path), which begins as every
+    log of this repository does: the source that runs (each file after the first opened by a line of 100
+    '-' and "file: NAME"), versions and hardware, then the header as JSON, each after a line of 100 '='."""
+    path = Path(log_dir) / (time.strftime("%Y-%m-%d_%H%M%S") + "_" + uuid.uuid4().hex[:8]) / "log.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"log: {path}", flush=True)
+
+    def log(text, echo=True):
+        if echo:
+            print(text, flush=True)
+        with open(path, "a") as f:
+            f.write(text + "\n")
+    log.path = path
+    here = Path(__file__).resolve().parent
+    texts = [(here / name).read_text().rstrip("\n") for name in sources]
+    log("\n".join([texts[0], *(f"{'-' * 100}\nfile: {name}\n{text}" for name, text in zip(sources[1:], texts[1:]))]),
+        echo=False)
+    for text in (environment_report(device), json.dumps(header, indent=2)):
+        log(SEPARATOR, echo=False)
+        log(text)
+    log(SEPARATOR, echo=False)
+    return log
+
+
 def positive(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -479,8 +448,6 @@ def parse_args(argv):
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data" / "cifar10",
                         help=f"the folder holding {BATCHES_DIR}/")
     parser.add_argument("--log-dir", type=Path, default=Path("logs") / "cifar")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="instead of training: time steps on random images, print speed, FLOPs and MFU")
     return parser.parse_args(argv)
 
 
@@ -492,39 +459,22 @@ def main(argv=None):
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 1
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
-    run_dir = args.log_dir / (time.strftime("%Y-%m-%d_%H%M%S") + "_" + uuid.uuid4().hex[:8])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "log.txt"
-    print(f"log: {log_path}", flush=True)
-
-    def log(text, echo=True):
-        if echo:
-            print(text, flush=True)
-        with open(log_path, "a") as f:
-            f.write(text + "\n")
-
-    log(Path(__file__).read_text().rstrip("\n"), echo=False)
-    header = {"device": str(device), "argv": sys.argv if argv is None else [sys.argv[0], *argv], "runs": args.runs, "seed": args.seed,
-              "data_dir": str(args.data_dir), "config": dataclasses.asdict(cfg)}
-    for text in (environment_report(device), json.dumps(header, indent=2)):
-        log(SEPARATOR, echo=False)
-        log(text)
-    log(SEPARATOR, echo=False)
+    log = start_log(args.log_dir, {"device": str(device), "argv": sys.argv if argv is None else [sys.argv[0], *argv],
+                                   "runs": args.runs, "seed": args.seed, "data_dir": str(args.data_dir),
+                                   "config": dataclasses.asdict(cfg)}, device)
     try:
-        if args.benchmark:
-            benchmark(cfg, device, log)
-        else:
-            run_all(args, cfg, device, log)
+        run_all(args, cfg, device, log)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         log(f"error: {e}", echo=False)
         return 1
-    print(f"log: {log_path}", flush=True)
+    print(f"log: {log.path}", flush=True)
     return 0
 
 
 def run_all(args, cfg, device, log):
-    """Load the data once, then the warm-up (CUDA) and the timed runs; log each and the summary."""
+    """Load the data once (to the device, in [0, 1]; each run normalises it inside its clock), then the
+    warm-up (CUDA) and the timed runs; log each and the summary."""
     images = load_cifar10(args.data_dir)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     data = (to_device(images[0], device, dtype), torch.from_numpy(images[1]).to(device),

@@ -4,10 +4,9 @@
     python train_gpt.py                                              # the CPU track, without CUDA
     python train_gpt.py --preset cpu-shakespeare --steps=100 --seed=1
     python train_gpt.py --save_every=50 --resume=latest              # checkpoints; continue the newest
-    python train_gpt.py --preset gpt2-speedrun --benchmark           # tokens/s, FLOPs, MFU
 
-Sections: config and presets, data, model, optimizer, checkpoints, training loop, sampling, benchmark,
-main.
+Sections: config and presets, data, model, optimizer, checkpoints, training loop, sampling, main. The
+Triton kernel of Newton-Schulz is in kernels.py; tools/ holds the benchmark and the preflight.
 """
 import argparse
 import contextlib
@@ -18,7 +17,6 @@ import json
 import math
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -40,11 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:  # the Gram-matrix kernel of Newton-Schulz; without Triton, torch's matmul does the same
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+import kernels
 
 
 class UserError(Exception):
@@ -95,7 +89,7 @@ class Config:
     scalar_lr: float = 0.04
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    adam_eps: float = 1e-10
+    adam_eps: float = 1e-8  # torch's default, as in the record (later records: 1e-10)
     adamw_lr: float = 0.004  # the matrices' lr under optimizer="adamw" ...
     weight_decay: float = 0.0  # ... and their decoupled weight decay
     # run
@@ -109,8 +103,6 @@ class Config:
     sample_tokens: int = 0  # the log ends with a sample of this many tokens (temperature 0.8, top-k 40)
     hellaswag_every: int = 0  # log HellaSwag accuracy every K steps and at the end (GPT-2 vocabulary); 0 = never
     hellaswag_file: str = "data/hellaswag/hellaswag_val.jsonl"  # downloaded when missing
-    benchmark: bool = False  # instead of training: time steps on random tokens, print speed, FLOPs, MFU
-    profile: bool = False  # instead of training: a profiler trace of a few steps, and the top kernels
     resume: str = ""  # continue from this checkpoint, or "latest": the newest under log_dir
 
 
@@ -153,6 +145,7 @@ PRESETS = {
         embed_lr=0.3,
         head_lr=0.016,
         adam_beta1=0.8,
+        adam_eps=1e-10,  # as the track's record was tuned and run
         val_every=10,  # dense curves for the record plots; validation is not timed
         warmup_steps=2,
         sample_tokens=240,
@@ -164,16 +157,24 @@ def default_preset():
     return "gpt2-speedrun" if torch.cuda.is_available() else "cpu-shakespeare"
 
 
-def parse_config(argv):
+def config_parser(description=__doc__.splitlines()[0]):
     """`--preset NAME` picks the starting point; `--key=value` overrides any field of Config."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset())
     for f in dataclasses.fields(Config):
         switch = dict(type=_parse_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)
         parser.add_argument(f"--{f.name}", default=None, metavar=f.type.__name__.upper(), **switch)  # --flag = true
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    return parser
+
+
+def config_from(args):
+    """(preset, Config) from config_parser's arguments."""
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     return args.preset, dataclasses.replace(PRESETS[args.preset], **overrides)
+
+
+def parse_config(argv):
+    return config_from(config_parser().parse_args(argv))
 
 
 def _parse_bool(text):
@@ -498,66 +499,6 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------- optimizer
 
-if triton is not None:
-    @triton.jit
-    def gram_kernel(X, A, M, K, sxb, sxm, sxk, sab, sam, san, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """A[b] = X[b] @ X[b]^T. A is symmetric: the program of tile (i, j) with i <= j computes it,
-        accumulating in fp32, and stores it at (i, j) and transposed at (j, i), exactly symmetric
-        (a diagonal tile keeps its upper half); programs below the diagonal return at once."""
-        i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        if i > j:
-            return
-        rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = j * BLOCK_M + tl.arange(0, BLOCK_M)
-        ks = tl.arange(0, BLOCK_K)
-        X += b.to(tl.int64) * sxb  # offsets past 2^31 elements in a large batch
-        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            left = tl.load(X + rows[:, None] * sxm + (k + ks)[None, :] * sxk,
-                           mask=(rows[:, None] < M) & ((k + ks)[None, :] < K), other=0.0)
-            right = tl.load(X + cols[None, :] * sxm + (k + ks)[:, None] * sxk,  # X[cols]^T, (BLOCK_K, BLOCK_M)
-                            mask=(cols[None, :] < M) & ((k + ks)[:, None] < K), other=0.0)
-            if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32 anyway
-                left, right = left.to(tl.float32), right.to(tl.float32)
-            acc = tl.dot(left, right, acc, input_precision="ieee" if IEEE else "tf32")
-        out = acc.to(A.dtype.element_ty)
-        A += b.to(tl.int64) * sab
-        inside = (rows[:, None] < M) & (cols[None, :] < M)
-        tl.store(A + rows[:, None] * sam + cols[None, :] * san, out, mask=inside & (rows[:, None] <= cols[None, :]))
-        tl.store(A + cols[None, :] * sam + rows[:, None] * san, out, mask=inside & (rows[:, None] < cols[None, :]))
-
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on the CPU: how the kernel is tested
-gram_kernel_failed = []  # the error, once the kernel failed on this machine
-
-
-def gram_by_kernel(X):
-    """Whether Newton-Schulz's products of X go through the kernel: on CUDA in 16-bit (in fp32 the
-    kernel would forgo the tensor cores that torch's matmul uses), or anywhere under the interpreter."""
-    on_gpu = X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
-    return triton is not None and (on_gpu or TRITON_INTERPRET) and not gram_kernel_failed
-
-
-def gram(X, block_m=64, block_k=32):
-    """X @ X^T for a matrix or a batch of them (..., M, K) -> (..., M, M), by the Triton kernel. Should
-    it fail to build or launch on a card, the run warns once and goes on with torch (not under the
-    interpreter, where the tests must see the error)."""
-    batch = X.reshape(-1, *X.shape[-2:])
-    B, M, K = batch.shape
-    A = torch.empty(B, M, M, dtype=X.dtype, device=X.device)
-    tiles = triton.cdiv(M, block_m)
-    try:
-        gram_kernel[(tiles, tiles, B)](batch, A, M, K, *batch.stride(), *A.stride(), BLOCK_M=block_m,
-                                       BLOCK_K=block_k, IEEE=X.dtype == torch.float32, UPCAST=TRITON_INTERPRET)
-    except Exception as e:
-        if TRITON_INTERPRET:
-            raise
-        gram_kernel_failed.append(e)
-        warnings.warn(f"the Triton Gram kernel failed ({type(e).__name__}: {e}); Newton-Schulz uses torch's matmul")
-        return X @ X.mT
-    return A.view(*X.shape[:-1], M)
-
-
 def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True):
     """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' in ~[0.7, 1.2].
 
@@ -570,12 +511,16 @@ def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True):
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    kernel = triton_gram and gram_by_kernel(X)
+    kernel = triton_gram and kernels.gram_by_kernel(X)
     for _ in range(steps):
-        A = gram(X) if kernel else X @ X.mT
-        B = b * A + (c * gram(A) if kernel else c * A @ A)  # A is symmetric: A @ A = A @ A^T
+        A = kernels.gram(X) if kernel else X @ X.mT
+        B = b * A + (c * kernels.gram(A) if kernel else c * A @ A)  # A is symmetric: A @ A = A @ A^T
         X = a * X + B @ X
     return X.mT if tall else X
+
+
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class Muon(torch.optim.Optimizer):
@@ -631,7 +576,7 @@ class Muon(torch.optim.Optimizer):
                                                            self.ns_dtype, self.triton_gram)
             work = None
             if self.world_size > 1:
-                work = dist.all_gather_single(updates, updates[lo:lo + share], async_op=True)
+                work = all_gather_single(updates, updates[lo:lo + share], async_op=True)
             gathers.append((group, updates, work))
         for group, updates, work in gathers:
             if work is not None:
@@ -660,7 +605,7 @@ class Muon(torch.optim.Optimizer):
             full = local
             if self.world_size > 1:
                 full = torch.empty(share * self.world_size, *params[0].shape, device=local.device)
-                dist.all_gather_single(full, local)
+                all_gather_single(full, local)
             buffers.extend(full[:len(params)].cpu().unbind(0))
         return buffers
 
@@ -722,10 +667,10 @@ RESUME_MAY_CHANGE = {"train_files", "val_files", "val_tokens", "val_every", "com
 
 
 def source_digest():
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(logged_source().encode()).hexdigest()[:16]
 
 
-def checkpoint_state(cfg, step, train_ms, model, optimizers, loader, world_size, device):
+def checkpoint_state(cfg, step, train_ms, model, optimizers, loader_state, world_size, device):
     """Everything a run needs to continue exactly: weights, optimizer moments, data position, RNG.
     Collective (Muon's momentum is gathered from the ranks that own it); only rank 0 saves it."""
     adam, muon = optimizers[0], next((opt for opt in optimizers if isinstance(opt, Muon)), None)
@@ -734,7 +679,7 @@ def checkpoint_state(cfg, step, train_ms, model, optimizers, loader, world_size,
             "model": model.state_dict(),
             "adam": adam.state_dict()["state"],
             "muon": muon.momentum_buffers() if muon else None,
-            "loader": loader.state_dict(),
+            "loader": loader_state,
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
@@ -1005,8 +950,8 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
     raw_model, model, ddp_model, optimizers = build(cfg, rank, world_size, device)
     if cfg.warmup_steps:
         warm_up(cfg, raw_model, ddp_model, optimizers, world_size, device)
-    if gram_kernel_failed:
-        log(f"note: the Triton Gram kernel failed ({gram_kernel_failed[0]}); Newton-Schulz runs on torch's matmul")
+    if kernels.failed:
+        log(f"note: the Triton Gram kernel failed ({kernels.failed[0]}); Newton-Schulz runs on torch's matmul")
 
     hellaswag = None
     if cfg.hellaswag_every:
@@ -1033,7 +978,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
         """Rank 0 writes; every rank waits for the outcome, so none exits or errs before the file is
         in place."""
         nonlocal saved
-        state = checkpoint_state(cfg, step, train_ms, raw_model, optimizers, loader, world_size, device)
+        state = checkpoint_state(cfg, step, train_ms, raw_model, optimizers, loader.state_dict(), world_size, device)
 
         def write():
             if rank != 0:
@@ -1167,26 +1112,19 @@ def log_sample(model, cfg):
         return f"{head}: skipped ({type(e).__name__}: {e})"
 
 
-# ----------------------------------------------------------------------------- benchmark
+# ----------------------------------------------------------------------------- main
 
-def attended_keys(seq_len, window):
-    """How many keys a query attends to on average: causal, within the window. Document boundaries,
-    which depend on the data, are not counted."""
-    w = min(window, seq_len)
-    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
-
-
-def matmul_weights(cfg):
-    """The weights of the matrix products: the blocks' (q, k, v, proj and the MLP's two) and the head."""
-    return cfg.n_layer * (4 + 2 * cfg.mlp_ratio) * cfg.model_dim ** 2 + cfg.model_dim * cfg.vocab_size
+SEPARATOR = "=" * 100
+# Every file a run executes. The log holds them all: the trainer, then each other one after a line of
+# 100 '-' and "file: NAME"; the checkpoint's source digest covers them, and `reproduce` restores them.
+SOURCES = ("train_gpt.py", "kernels.py")
+FILE_MARK = "-" * 100
 
 
-def flops_per_token(cfg, keys=None):
-    """Model FLOPs per training token, as MFU counts them: forward and backward are 3 forwards, so 6 per
-    weight of a matrix product (the embedding is a lookup), plus attention's scores and weighted sum,
-    2 x 2 x model_dim per attended key and layer, tripled: 6 W + 12 n_layer model_dim keys."""
-    keys = attended_keys(cfg.seq_len, cfg.window) if keys is None else keys
-    return 6 * matmul_weights(cfg) + 12 * cfg.n_layer * cfg.model_dim * keys
+def logged_source(files=SOURCES):
+    here = Path(__file__).resolve().parent
+    texts = [(here / name).read_text().rstrip("\n") for name in files]
+    return "\n".join([texts[0], *(f"{FILE_MARK}\nfile: {name}\n{text}" for name, text in zip(files[1:], texts[1:]))])
 
 
 def cpu_info():
@@ -1197,106 +1135,16 @@ def cpu_info():
         return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
 
 
-def peak_flops(device, dtype):
-    """(FLOP/s, what it is) of the device's dense peak; (None, why) when unknown."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        tflops = next((t for key, t in (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989),
-                                        ("A100", 312))
-                       if key in name), None)
-        return (tflops and tflops * 1e12), f"{name}, {tflops or 'unknown'} TFLOP/s dense bf16"
-    info = cpu_info()
-    mhz, threads, flags = float(info.get("cpu MHz", 0)), torch.get_num_threads(), info.get("flags", "").split()
-    # fp32 per thread: two FMA units of 8 lanes (AVX2) or 16 (AVX-512); bf16 dot products do twice that
-    bf16 = dtype == "bfloat16" and "avx512_bf16" in flags
-    per_cycle = (64 if "avx512f" in flags else 32) * (2 if bf16 else 1)
-    peak = threads * mhz * 1e6 * per_cycle
-    return (peak or None), (f"CPU, {threads} threads x {mhz / 1000:.2f} GHz x {per_cycle} "
-                            f"{'bf16' if bf16 else 'fp32'} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s")
-
-
-def benchmark(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=None, steps=10):
-    """Time training steps on random tokens after the warm-up and log a line per figure; with
-    cfg.profile, also profile three steps: a trace in run_dir and a table of the top kernels."""
-    validate(cfg, world_size)
-    torch.manual_seed(cfg.seed)
-    raw_model, model, ddp_model, optimizers = build(cfg, rank, world_size, device)
-    warm = max(cfg.warmup_steps, 1)
-    warm_up(dataclasses.replace(cfg, warmup_steps=warm), raw_model, ddp_model, optimizers, world_size, device)
-    if gram_kernel_failed:
-        log(f"note: the Triton Gram kernel failed ({gram_kernel_failed[0]}); Newton-Schulz runs on torch's matmul")
-    batches = random_batches(cfg, world_size, device)
-
-    def timed(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        for step in range(steps):
-            train_step(step, batches, cfg, ddp_model, optimizers, world_size)
-        sync(device)
-        return time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elapsed = timed(steps)
-    # Muon's share, in steps of their own: its hooks synchronise, which would slow the steps above
-    muon_s, started = [0.0], [0.0]
-
-    def muon_started(*_):
-        sync(device)
-        started[0] = time.perf_counter()
-
-    def muon_done(*_):
-        sync(device)
-        muon_s[0] += time.perf_counter() - started[0]
-    hooks = [hook for opt in optimizers if isinstance(opt, Muon)
-             for hook in (opt.register_step_pre_hook(muon_started), opt.register_step_post_hook(muon_done))]
-    hooked = timed(steps)
-    for hook in hooks:
-        hook.remove()
-    per_process = steps * cfg.batch_size * cfg.seq_len / elapsed / world_size
-    flops, keys = flops_per_token(cfg), attended_keys(cfg.seq_len, cfg.window)
-    peak, peak_text = peak_flops(device, cfg.dtype)
-    probe = torch.empty(0, device=device, dtype=getattr(torch, cfg.dtype))  # what Newton-Schulz gets
-    gram_by = "Triton" if cfg.muon_triton and gram_by_kernel(probe) else "torch"
-    log(f"benchmark: {steps} steps of {cfg.batch_size * cfg.seq_len:,} random tokens after {warm} warm-up "
-        f"steps, {world_size} process(es)")
-    log(f"tokens/s per process: {per_process:,.0f}")
-    log(f"model FLOPs per token: {flops / 1e9:.4f} GFLOP = 6 x {matmul_weights(cfg):,} matmul weights + 12 x "
-        f"{cfg.n_layer} layers x {cfg.model_dim} x {keys:.1f} attended keys (causal, window {cfg.window}, "
-        f"seq_len {cfg.seq_len})")
-    log(f"MFU: {flops * per_process / peak:.1%} of {peak_text}" if peak else f"MFU: unknown ({peak_text})")
-    log(f"Muon step: {muon_s[0] / hooked:.1%} of the step time ({1000 * muon_s[0] / steps:.1f} of "
-        f"{1000 * hooked / steps:.1f} ms; Gram matrices by {gram_by})")
-    if device.type == "cuda":
-        log(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated, "
-            f"{torch.cuda.max_memory_reserved(device) // 2**20} MiB reserved")
-    else:
-        log(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB resident")
-    if cfg.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as profiler:
-            for step in range(3):
-                train_step(step, batches, cfg, ddp_model, optimizers, world_size)
-            sync(device)
-        if rank == 0:
-            trace = Path(run_dir or ".") / "trace.json"
-            profiler.export_chrome_trace(str(trace))
-            by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            log(profiler.key_averages().table(sort_by=by, row_limit=15))
-            log(f"profile: {trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
-    return per_process
-
-
-# ----------------------------------------------------------------------------- main
-
-SEPARATOR = "=" * 100
+def versions():
+    """python, torch, CUDA, NCCL, Triton and numpy versions, in one line."""
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "none"
+    return (f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda or 'none'}  "
+            f"nccl {nccl}  triton {kernels.triton.__version__ if kernels.triton else 'none'}  numpy {np.__version__}")
 
 
 def environment_report(device):
     """Versions and hardware, for the head of the log."""
-    lines = [f"python {platform.python_version()}  torch {torch.__version__}  "
-             f"cuda {torch.version.cuda or 'none'}  numpy {np.__version__}"]
+    lines = [versions()]
     if device.type == "cuda":
         try:
             lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
@@ -1313,13 +1161,13 @@ def environment_report(device):
 
 
 class Logger:
-    """Rank 0 prints and appends to logs/<date>_<id>/log.txt; other ranks stay silent."""
+    """Rank 0 prints and appends to <log_dir>/<date>_<id>/log.txt; other ranks stay silent."""
 
-    def __init__(self, cfg, rank):
+    def __init__(self, log_dir, rank):
         self.path = None
         if rank == 0:
             run_id = time.strftime("%Y-%m-%d_%H%M%S") + "_" + uuid.uuid4().hex[:8]
-            self.path = Path(cfg.log_dir) / run_id / "log.txt"
+            self.path = Path(log_dir) / run_id / "log.txt"
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, text, echo=True):
@@ -1331,11 +1179,25 @@ class Logger:
             f.write(text + "\n")
 
 
-def main(argv=None):
-    preset, cfg = parse_config(argv)
+def start_log(log_dir, rank, header, device, sources=SOURCES):
+    """A Logger whose file begins as every log of this repository does: the source that runs, versions and
+    hardware, then the header (preset, config, ...) as JSON, each after a line of 100 '='."""
+    log = Logger(log_dir, rank)
+    if log.path:
+        print(f"log: {log.path}", flush=True)
+        log(logged_source(sources), echo=False)
+        for text in (environment_report(device), json.dumps(header, indent=2)):
+            log(SEPARATOR, echo=False)
+            log(text)
+        log(SEPARATOR, echo=False)
+    return log
+
+
+def init_process():
+    """(distributed, rank, world_size, device) of this process; under torchrun, in a process group
+    (NCCL on GPUs, gloo on CPUs)."""
     distributed = "RANK" in os.environ  # launched by torchrun
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -1345,21 +1207,19 @@ def main(argv=None):
         # cost nothing measurable here and make every CPU run reproducible to the last bit.
         torch.use_deterministic_algorithms(True)
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
-                                device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return distributed, rank, world_size, device
+
+
+def main(argv=None):
+    preset, cfg = parse_config(argv)
+    distributed, rank, world_size, device = init_process()
     try:
-        log = Logger(cfg, rank)
-        if log.path:
-            print(f"log: {log.path}", flush=True)
-            log(Path(__file__).read_text().rstrip("\n"), echo=False)
-            header = {"preset": preset, "world_size": world_size, "device": str(device),
-                      "argv": sys.argv if argv is None else [sys.argv[0], *argv], "config": dataclasses.asdict(cfg)}
-            for text in (environment_report(device), json.dumps(header, indent=2)):
-                log(SEPARATOR, echo=False)
-                log(text)
-            log(SEPARATOR, echo=False)
-        run = benchmark if cfg.benchmark or cfg.profile else train
-        run(cfg, log, rank, world_size, device, log.path and log.path.parent)
+        log = start_log(cfg.log_dir, rank, {
+            "preset": preset, "world_size": world_size, "device": str(device),
+            "argv": sys.argv if argv is None else [sys.argv[0], *argv], "config": dataclasses.asdict(cfg)}, device)
+        train(cfg, log, rank, world_size, device, log.path and log.path.parent)
         if log.path:
             print(f"log: {log.path}", flush=True)
         if distributed:  # no rank tears down gloo while another still talks to it (aborts at exit)

@@ -1,20 +1,16 @@
-"""HellaSwag accuracy of a train_gpt.py checkpoint, on the 10,042 validation items.
-
-    python evals/hellaswag.py latest                      # the newest checkpoint under logs/
-    python evals/hellaswag.py logs/<run>/step_001875.pt --batch 32 --limit 1000
+"""HellaSwag accuracy of a model, on the 10,042 validation items: scoring and the data.
 
 An item is a context and four endings. The model picks the ending with the lowest mean cross-entropy
 per token, given the context: the completion's log-likelihood normalised by its length in tokens, as
 llm.c's and nanoGPT's evaluations do (lm-eval-harness's acc_norm divides by bytes instead).
 Contexts start with <|endoftext|>, as documents do in training.
 The official jsonl is downloaded to data/hellaswag/ the first time, with a progress bar.
-`train_gpt.py --hellaswag_every=K` logs the same accuracy during training.
+
+This module does not import the trainer: `train_gpt.py --hellaswag_every=K` imports it, and
+`python evaluate.py CHECKPOINT` scores a checkpoint.
 """
-import argparse
 import json
 import os
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,9 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-FILE = "data/hellaswag/hellaswag_val.jsonl"
+FILE = Path(__file__).resolve().parent.parent / "data/hellaswag/hellaswag_val.jsonl"
 
 
 def download(path, url=URL):
@@ -131,33 +126,3 @@ def accuracy(model, items, encode, prefix, rank=0, world_size=1, batch_items=16,
     if world_size > 1:
         dist.all_reduce(correct)
     return correct.item() / len(items)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help='a step_*.pt file, or "latest"')
-    parser.add_argument("--file", default=str(ROOT / FILE), help="the HellaSwag jsonl (downloaded when missing)")
-    parser.add_argument("--batch", type=int, default=16, help="items per forward pass (4 rows each)")
-    parser.add_argument("--limit", type=int, default=0, help="only the first N items (0: all)")
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    from train_gpt import UserError, load_model, text_codec  # here: train_gpt.py imports this module too
-    try:
-        cfg, model = load_model(args.checkpoint, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        if cfg.vocab_size < 50257:
-            raise UserError(f"HellaSwag is English text: it needs a GPT-2 vocabulary, and this model has "
-                            f"{cfg.vocab_size} tokens")
-        items = load_items(ensure(args.file), args.limit)
-        encode, prefix = text_codec(cfg)[0], context_prefix(cfg.eot_token)
-        check_lengths(items, encode, prefix, cfg.seq_len)
-        t0 = time.perf_counter()
-        acc = accuracy(model, items, encode, prefix, batch_items=args.batch, progress=True)
-    except (UserError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"hellaswag acc_norm: {acc:.4f} ({round(acc * len(items))}/{len(items)}) in {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

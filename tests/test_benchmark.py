@@ -1,4 +1,5 @@
-"""Benchmark mode: the FLOPs formula against PyTorch's FLOP counter, the printed figures, profiling."""
+"""tools/benchmark.py and tools/perf.py: the FLOPs formula against PyTorch's FLOP counter, the peaks, the
+printed figures of both trainers' benchmarks, profiling."""
 import json
 import re
 
@@ -8,7 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train_gpt
 from conftest import tiny_config
-from train_gpt import GPT, attended_keys, flops_per_token
+from tools import benchmark, perf
+from tools.logs import parse_log, source_files
+from tools.perf import attended_keys, flops_per_token
+from train_gpt import GPT
 
 
 @pytest.mark.parametrize("seq_len, window", [(8, 3), (64, 64), (64, 16), (10, 100)])
@@ -22,8 +26,10 @@ def test_attended_keys_is_what_the_mask_allows(seq_len, window):
                                           ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312)])
 def test_gpu_peaks(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    peak, text = train_gpt.peak_flops(torch.device("cuda", 0), "bfloat16")
+    peak, text = perf.peak_flops(torch.device("cuda", 0), "bfloat16")
     assert peak == tflops * 1e12 and text == f"{name}, {tflops} TFLOP/s dense bf16"
+    assert perf.peak_flops(torch.device("cuda", 0), "float16")[0] == tflops * 1e12
+    assert perf.peak_flops(torch.device("cuda", 0), "float32")[0] is None  # not the tensor-core peak
 
 
 @pytest.mark.parametrize("n_layer, model_dim, mlp_ratio", [(2, 32, 4), (3, 48, 2)])
@@ -41,15 +47,15 @@ def test_flops_formula_matches_the_flop_counter(char_shards, tmp_path, n_layer, 
 
 
 def test_benchmark_prints_its_figures(char_shards, tmp_path):
-    cfg = tiny_config(char_shards, tmp_path, warmup_steps=1, benchmark=True, profile=True)
+    cfg = tiny_config(char_shards, tmp_path, warmup_steps=1)
     lines = []
-    assert train_gpt.benchmark(cfg, lines.append, run_dir=tmp_path, steps=3) > 0
+    assert benchmark.gpt(cfg, lines.append, run_dir=tmp_path, steps=3, profile=True) > 0
     text = "\n".join(lines)
     tokens = float(re.search(r"^tokens/s per process: ([\d,]+)$", text, re.M).group(1).replace(",", ""))
     gflop = float(re.search(r"^model FLOPs per token: ([\d.]+) GFLOP = 6 x ", text, re.M).group(1))
     assert gflop == pytest.approx(flops_per_token(cfg) / 1e9, abs=1e-4)
     mfu = re.search(r"^MFU: ([\d.]+)% of CPU, \d+ threads x [\d.]+ GHz x (32|64|128) (fp32|bf16) FLOP/cycle", text, re.M)
-    peak = train_gpt.peak_flops(torch.device("cpu"), cfg.dtype)[0]
+    peak = perf.peak_flops(torch.device("cpu"), cfg.dtype)[0]
     assert float(mfu.group(1)) == pytest.approx(100 * flops_per_token(cfg) * tokens / peak, rel=0.01, abs=0.05)
     share = float(re.search(r"^Muon step: ([\d.]+)% of the step time .*Gram matrices by torch\)$", text, re.M).group(1))
     assert 0 < share < 100
@@ -59,6 +65,26 @@ def test_benchmark_prints_its_figures(char_shards, tmp_path):
 
 
 def test_benchmark_from_the_command_line_needs_no_data(tmp_path, capsys):
-    assert train_gpt.main(["--preset", "cpu-shakespeare", "--benchmark", "--compile=false", "--warmup_steps=1",
+    """The GPT benchmark as users start it, with the usual log header: the sources it ran and the config."""
+    assert benchmark.main(["--preset", "cpu-shakespeare", "--compile=false", "--warmup_steps=1", "--timed_steps=2",
                            "--train_files=nowhere/*.bin", f"--log_dir={tmp_path}"]) == 0
     assert "tokens/s per process:" in capsys.readouterr().out
+    (log,) = (tmp_path / "benchmark").glob("*/log.txt")
+    parsed = parse_log(log)
+    assert list(source_files(parsed.source, "train_gpt.py")) == list(benchmark.SOURCES)
+    assert parsed.config["config"]["compile"] is False
+
+
+def test_cifar_benchmark_prints_its_figures(tmp_path, capsys):
+    assert benchmark.main(["cifar", "--batch-size=64", "--device=cpu", "--timed-steps=2", f"--log-dir={tmp_path}"]) == 0
+    text = capsys.readouterr().out
+    images_s = float(re.search(r"^images/s: ([\d,]+)$", text, re.M).group(1).replace(",", ""))
+    flops = float(re.search(r"^model FLOPs per image: ([\d.]+) MFLOP", text, re.M).group(1))
+    assert 500 < flops < 1000  # a fixed network: about 0.71 GFLOP per image, forward and backward
+    mfu = float(re.search(r"^MFU: ([\d.]+)% of CPU, \d+ threads x [\d.]+ GHz x (32|64) fp32 FLOP/cycle", text, re.M).group(1))
+    assert mfu == pytest.approx(100 * flops * 1e6 * images_s / perf.peak_flops(torch.device("cpu"), "float32")[0],
+                                rel=0.02, abs=0.05)
+    assert 0 < float(re.search(r"^Muon step: ([\d.]+)% of the step time", text, re.M).group(1)) < 100
+    (log,) = tmp_path.glob("*/log.txt")
+    assert list(source_files(parse_log(log).source, "train_cifar.py")) == list(benchmark.CIFAR_SOURCES)
+    assert parse_log(log).config["config"]["batch_size"] == 64

@@ -1,6 +1,9 @@
+import dataclasses
 import pickle
 import subprocess
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -16,9 +19,37 @@ CPU = torch.device("cpu")
 
 
 def on_device(images):
+    """The loaded arrays as run_all puts them on the device: images in [0, 1], not yet normalised."""
     train_x, train_y, test_x, test_y = images
     return (tc.to_device(train_x, CPU, torch.float32), torch.from_numpy(train_y),
             tc.to_device(test_x, CPU, torch.float32), torch.from_numpy(test_y))
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_defaults_are_the_records():
+    """Every default is the public airbench94_muon record's (REFERENCE.md section 5)."""
+    assert dataclasses.asdict(tc.Config()) == dict(
+        epochs=8,  # 8 epochs, 200 steps
+        batch_size=2000,
+        widths=(64, 256, 256),  # the three conv groups
+        whiten_eps=5e-4,  # 1/sqrt(eigenvalue + 5e-4)
+        whiten_images=5000,  # patch covariance of 5000 training images
+        whiten_bias_epochs=3,  # whitening bias trained for the first 3 epochs
+        bn_momentum=0.6,
+        bn_eps=1e-12,
+        crop_pad=2,  # 2-pixel reflect padding
+        label_smoothing=0.2,
+        muon_lr=0.24,
+        muon_momentum=0.6,
+        ns_steps=3,
+        bias_lr=0.053,
+        head_lr=0.67,
+        sgd_momentum=0.85,
+        weight_decay=2e-6,  # per sample: 2e-6 x 2000 = 0.004 a step
+    )
+    assert tc.MEAN == (0.4914, 0.4822, 0.4465)  # the record's normalisation
+    assert tc.STD == (0.2470, 0.2435, 0.2616)
 
 
 # ----------------------------------------------------------------------------- data
@@ -97,6 +128,21 @@ def test_allowed_globals_fail_cleanly(tmp_path):
         tc.load_cifar10(tmp_path)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float16, 1e-2)])
+def test_to_device_scales_and_normalize_standardises(dtype, atol):
+    """to_device gives [0, 1] NCHW channels-last images in the dtype; normalize standardises them per
+    channel, staying in that dtype and layout."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    expected = images.transpose(0, 3, 1, 2) / 255.0
+    x = tc.to_device(images, CPU, dtype)
+    assert x.dtype == dtype and x.shape == (5, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(x.double().numpy(), expected, atol=atol, rtol=0)
+    z = tc.normalize(x)
+    assert z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
+    mean, std = (np.array(v).reshape(1, 3, 1, 1) for v in ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    np.testing.assert_allclose(z.double().numpy(), (expected - mean) / std, atol=atol, rtol=0)
+
+
 # ----------------------------------------------------------------------------- augmentation
 
 def test_alternating_flips_show_every_image_both_ways():
@@ -159,13 +205,42 @@ def test_whitening_whitens():
     assert (raw - torch.eye(12)).abs().max() > 0.5  # the input was far from white
 
 
-def test_tta_is_invariant_to_flipping_the_input():
-    torch.manual_seed(0)
-    model = tc.Net(tc.Config(widths=(8, 16, 16)))
-    images = torch.randn(6, 3, 32, 32)
-    model.init_whitening(images, 5e-4)
-    torch.testing.assert_close(tc.predict(model, images), tc.predict(model, images.flip(-1)), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(model(images), model(images.flip(-1)), atol=1e-3)  # the net alone is not
+class _ViewRecorder(torch.nn.Module):
+    """Stands in for the net: keeps every input, and answers its k-th call with the one-hot row e_k,
+    so column k of the prediction is the weight given to view k."""
+
+    def __init__(self):
+        super().__init__()
+        self.views = []
+
+    def forward(self, x):
+        self.views.append(x.clone())
+        out = torch.zeros(len(x), 10)
+        out[:, len(self.views) - 1] = 1
+        return out
+
+
+def test_tta_averages_the_records_six_views():
+    """The record's views: x and its flip (1/4 each), and the two 1-pixel diagonal shifts from a
+    1-pixel reflect padding, each flipped after shifting (1/8 each)."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    a, b = padded[..., 0:32, 0:32], padded[..., 2:34, 2:34]
+    expected = {"x": (x, 1 / 4), "flip(x)": (x.flip(-1), 1 / 4),
+                "shift(x,1,1)": (a, 1 / 8), "flip(shift(x,1,1))": (a.flip(-1), 1 / 8),
+                "shift(x,-1,-1)": (b, 1 / 8), "flip(shift(x,-1,-1))": (b.flip(-1), 1 / 8)}
+    stub = _ViewRecorder()
+    weights = tc.predict(stub, x)
+    assert torch.equal(weights, weights[:1].expand_as(weights))  # the same weights for every image
+    got = {}
+    for k, view in enumerate(stub.views):
+        names = [name for name, (v, _) in expected.items() if torch.equal(view, v)]
+        assert len(names) == 1, f"view {k} is none of the record's views"
+        got[names[0]] = weights[0, k].item()
+        assert view.is_contiguous(memory_format=torch.channels_last)  # the layout the compiled model saw
+    assert got == {name: pytest.approx(w) for name, (_, w) in expected.items()}
+    assert len(stub.views) == 6
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -208,6 +283,78 @@ def test_muon_ignores_the_scale_of_the_filters():
 
 
 # ----------------------------------------------------------------------------- training
+
+def _smoothed_cross_entropy(logits, labels, smoothing):
+    """By hand: the target is (1 - smoothing) one-hot + smoothing / 10 everywhere; summed over the batch."""
+    target = (1 - smoothing) * F.one_hot(labels, 10).double() + smoothing / 10
+    return -(target * logits.double().log_softmax(1)).sum().item()
+
+
+def test_loss_is_cross_entropy_smoothed_at_0_2():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = 3 * torch.randn(64, 10, generator=g), torch.randint(0, 10, (64,), generator=g)
+    loss = tc.loss_fn(logits, labels, tc.Config()).item()
+    assert loss == pytest.approx(_smoothed_cross_entropy(logits, labels, 0.2), rel=1e-6)
+    assert loss != pytest.approx(_smoothed_cross_entropy(logits, labels, 0.0), rel=1e-2)  # smoothing shows here
+
+
+def test_train_run_reports_the_label_smoothed_loss(tmp_path, monkeypatch):
+    """The per-epoch loss train_run reports is the cross-entropy smoothed at 0.2 of the logits and
+    labels it trained on, whatever Config or train_run say."""
+    cfg = tc.Config(widths=(8, 16, 16), batch_size=100, epochs=2)
+    write_synthetic(tmp_path, n_train=(100,) * 5, n_test=100)
+    batches, real_loss_fn = [], tc.loss_fn
+
+    def spy(logits, labels, cfg):
+        batches.append((logits.detach().clone(), labels.clone()))
+        return real_loss_fn(logits, labels, cfg)
+    monkeypatch.setattr(tc, "loss_fn", spy)
+    _, _, epochs = tc.train_run(cfg, on_device(tc.load_cifar10(tmp_path)), CPU, seed=0)
+    assert len(batches) == 10, "train_run should compute its loss with loss_fn, once a step"
+    for e, (reported, _) in enumerate(epochs):
+        epoch = batches[5 * e:5 * (e + 1)]
+        smoothed = sum(_smoothed_cross_entropy(logits, y, 0.2) for logits, y in epoch) / 500
+        plain = sum(_smoothed_cross_entropy(logits, y, 0.0) for logits, y in epoch) / 500
+        assert reported == pytest.approx(smoothed, rel=1e-5)
+        assert abs(plain - smoothed) > 1e-3 * smoothed  # the check can tell smoothing from none
+
+
+def test_each_run_normalises_the_raw_images_inside_its_clock(tmp_path, monkeypatch):
+    """train_run takes the [0, 1] images of to_device and normalises the train and test sets between
+    starting and stopping its clock, as the record times it; the whitening filters and the
+    evaluation see the normalised images."""
+    cfg = tc.Config(widths=(8, 16, 16), batch_size=250, epochs=1)
+    write_synthetic(tmp_path, n_train=(100,) * 5, n_test=100)
+    data = on_device(tc.load_cifar10(tmp_path))
+    assert data[0].min() >= 0 and data[0].max() <= 1
+    events, real_normalize, real_predict, real_clock = [], tc.normalize, tc.predict, time.perf_counter
+
+    def normalize(images):
+        events.append(("normalize", images))
+        return real_normalize(images)
+
+    def predict(model, images):
+        events.append(("predict", images))
+        return real_predict(model, images)
+
+    def clock():
+        events.append(("clock", None))
+        return real_clock()
+    monkeypatch.setattr(tc, "normalize", normalize)
+    monkeypatch.setattr(tc, "predict", predict)
+    monkeypatch.setattr(tc, "time", types.SimpleNamespace(perf_counter=clock))
+    model = tc.build_model(cfg, CPU)
+    tc.train_run(cfg, data, CPU, seed=0, model=model, run_model=model)
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == kinds[-1] == "clock" and kinds.count("clock") == 2, kinds
+    normalized = [images for kind, images in events if kind == "normalize"]
+    assert any(images is data[0] for images in normalized) and any(images is data[2] for images in normalized)
+    (evaluated,) = [images for kind, images in events if kind == "predict"]
+    torch.testing.assert_close(evaluated, real_normalize(data[2]), rtol=0, atol=0)
+    whitened = tc.whitening_filters(real_normalize(data[0])[:cfg.whiten_images], cfg.whiten_eps)
+    torch.testing.assert_close(model.whiten.weight, whitened)
+    assert not torch.allclose(whitened, tc.whitening_filters(data[0][:cfg.whiten_images], cfg.whiten_eps))
+
 
 def test_short_training_learns(tmp_path):
     """Noisy templates: 4 epochs of a narrow net reach high test accuracy; with shuffled labels the
@@ -296,15 +443,3 @@ def test_counts_must_be_positive(flag, capsys):
     with pytest.raises(SystemExit) as e:
         tc.parse_args([flag])
     assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
-
-
-def test_benchmark_prints_its_figures():
-    import re
-    lines = []
-    images_s = tc.benchmark(tc.Config(batch_size=64), torch.device("cpu"), lines.append, steps=2)
-    text = "\n".join(lines)
-    assert f"images/s: {images_s:,.0f}" in text and images_s > 0
-    flops = float(re.search(r"^model FLOPs per image: ([\d.]+) MFLOP", text, re.M).group(1))
-    assert 500 < flops < 1000  # a fixed network: about 0.74 GFLOP per image, forward and backward
-    assert re.search(r"^MFU: [\d.]+% of CPU, \d+ threads", text, re.M)
-    assert 0 < float(re.search(r"^Muon step: ([\d.]+)% of the step time", text, re.M).group(1)) < 100

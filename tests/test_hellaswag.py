@@ -6,6 +6,7 @@ import pytest
 import tiktoken
 import torch
 
+import evaluate
 import train_gpt
 from conftest import config_args, tiny_config
 from evals import hellaswag
@@ -146,7 +147,7 @@ def test_the_trainer_logs_hellaswag_accuracy(tmp_path, shakespeare_text, capsys)
     assert [line.split()[0] for line in lines] == ["step:0/4", "step:2/4", "step:4/4"]
     assert parse_log(log).val[-1].step == 4  # the val lines still parse
     capsys.readouterr()
-    assert hellaswag.main([str(log.parent / "step_000004.pt"), "--file", cfg.hellaswag_file]) == 0
+    assert evaluate.main([str(log.parent / "step_000004.pt"), "--file", cfg.hellaswag_file]) == 0
     assert capsys.readouterr().out.startswith(f"hellaswag acc_norm: {lines[-1].split()[1].split(':')[1]} (")
 
 

@@ -7,7 +7,7 @@ import torch
 
 import train_gpt
 from conftest import ROOT, config_args, run_trainer, tiny_config
-from tools.logs import Step, parse_log, parse_step
+from tools.logs import Step, parse_log, parse_step, source_files
 
 
 def run_lines(cfg):
@@ -86,7 +86,9 @@ def test_log_parses_back(char_shards, tmp_path):
     (path,) = (tmp_path / "logs").glob("*/log.txt")
     assert path.parent.name[:10].count("-") == 2  # logs/<YYYY-MM-DD_HHMMSS>_<id>/
     log = parse_log(path)
-    assert log.source == (ROOT / "train_gpt.py").read_text().rstrip("\n")
+    files = source_files(log.source, "train_gpt.py")  # every file the run executed, the trainer first
+    assert list(files) == ["train_gpt.py", "kernels.py"] == list(train_gpt.SOURCES)
+    assert all(files[name] == (ROOT / name).read_text().rstrip("\n") for name in files)
     assert log.config["preset"] == "cpu-shakespeare" and log.config["config"]["steps"] == 4
     assert "torch " + torch.__version__ in log.sections[0]
     assert [(s.step, s.kind) for s in log.steps] == [

@@ -1,7 +1,7 @@
 """The Triton kernel of Newton-Schulz's Gram matrix X @ X^T, run on the CPU by Triton's interpreter.
 
-TRITON_INTERPRET is read when a kernel is defined, that is when train_gpt is imported, so the checks
-run in a fresh interpreter: this process imported train_gpt without it."""
+TRITON_INTERPRET is read when a kernel is defined, that is when kernels.py is imported, so the checks
+run in a fresh interpreter: this process imported it without."""
 import json
 import subprocess
 import sys
@@ -16,21 +16,22 @@ pytest.importorskip("triton")
 CHECKS = r"""
 import json, math, sys
 import torch
+import kernels
 import train_gpt
 
-assert train_gpt.TRITON_INTERPRET, "the kernel must run interpreted"
+assert kernels.INTERPRET, "the kernel must run interpreted"
 torch.manual_seed(0)
 out = []
 for shape, block_m, block_k in json.loads(sys.argv[1]):
     X = torch.randn(shape)
-    A32 = train_gpt.gram(X, block_m, block_k)
+    A32 = kernels.gram(X, block_m, block_k)
     ref = X.double() @ X.double().mT
     Xb = X.bfloat16()
-    A16 = train_gpt.gram(Xb, block_m, block_k)
+    A16 = kernels.gram(Xb, block_m, block_k)
     exact = Xb.double() @ Xb.double().mT  # bf16 products and their sums, without rounding
     ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(exact.abs(), A16.double().abs()).clamp_min(1e-30))) - 7)
     accumulation = shape[-1] * 2.0 ** -24 * (Xb.double().abs() @ Xb.double().abs().mT)  # fp32 sums' error bound
-    fp32_sums = train_gpt.gram(Xb.float(), block_m, block_k)  # the same sums, kept in fp32
+    fp32_sums = kernels.gram(Xb.float(), block_m, block_k)  # the same sums, kept in fp32
     out.append(dict(
         shape=shape, dtypes=[str(A32.dtype), str(A16.dtype)], shapes=[list(A32.shape), list(A16.shape)],
         fp32_rel=((A32.double() - ref).abs().max() / ref.abs().max()).item(),
@@ -85,27 +86,27 @@ def test_the_gpu_path_compiles(arch, product):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import train_gpt
+    import kernels
     signature = {"X": "*bf16", "A": "*bf16", **{name: "i32" for name in ("M", "K", "sxb", "sxm", "sxk", "sab", "sam", "san")},
                  **{name: "constexpr" for name in ("BLOCK_M", "BLOCK_K", "IEEE", "UPCAST")}}
-    source = ASTSource(fn=train_gpt.gram_kernel, signature=signature,
+    source = ASTSource(fn=kernels.gram_kernel, signature=signature,
                        constexprs=dict(BLOCK_M=64, BLOCK_K=32, IEEE=False, UPCAST=False))
     ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
     assert product in ptx and "bf16" in ptx
 
 
 def test_a_failing_kernel_falls_back_to_torch_once(monkeypatch):
-    import train_gpt
+    import kernels
 
     class Broken:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 raise RuntimeError("no kernel image for this card")
             return launch
-    monkeypatch.setattr(train_gpt, "gram_kernel", Broken())
-    monkeypatch.setattr(train_gpt, "gram_kernel_failed", [])
+    monkeypatch.setattr(kernels, "gram_kernel", Broken())
+    monkeypatch.setattr(kernels, "failed", [])
     X = torch.randn(2, 8, 5)
     with pytest.warns(UserWarning, match="the Triton Gram kernel failed .*no kernel image"):
-        assert torch.equal(train_gpt.gram(X), X @ X.mT)
-    assert len(train_gpt.gram_kernel_failed) == 1
-    assert not train_gpt.gram_by_kernel(X.cuda() if torch.cuda.is_available() else X)
+        assert torch.equal(kernels.gram(X), X @ X.mT)
+    assert len(kernels.failed) == 1
+    assert not kernels.gram_by_kernel(X.cuda() if torch.cuda.is_available() else X)

@@ -8,7 +8,9 @@ step lines such as
 and CIFAR logs hold several runs each, as
     run:2/5 epoch:8/8 train_loss:0.9981 train_acc:0.9733
     run:2/5 test_acc:0.9412 time:3.021s
-Our logs also carry a JSON section with the full config.
+Our logs also carry a JSON section with the full config. When a trainer runs code from other files of
+this repository (train_gpt.py's kernels.py), its source section holds each of them after the trainer's
+own source, opened by a line of 100 '-' and "file: NAME".
 """
 import json
 import re
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SEPARATOR = "=" * 100
+FILE_MARK = "-" * 100
+FILE_NAME = re.compile(r"[\w.-]+(/[\w.-]+)*\.py")  # relative, no "..": a path under the repository
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms")
 EPOCH_LINE = re.compile(r"run:(\d+)/(\d+) epoch:(\d+)/(\d+) train_loss:(\S+) train_acc:(\S+)")
 TEST_LINE = re.compile(r"run:(\d+)/(\d+) test_acc:(\S+) time:(\S+)s")
@@ -72,6 +76,19 @@ class RunLog:
     def software(self):
         """The first line of the environment section: python, torch and cuda versions."""
         return self.environment.strip().splitlines()[0] if self.environment.strip() else "unknown"
+
+
+def source_files(source, trainer):
+    """{path: text} of the files in a log's source section, the trainer first; ValueError for a file name
+    that is not a plain relative path."""
+    first, *others = source.split(f"\n{FILE_MARK}\nfile: ")
+    files = {trainer: first}
+    for part in others:
+        name, _, text = part.partition("\n")
+        if not FILE_NAME.fullmatch(name) or ".." in name.split("/"):
+            raise ValueError(f"the logged source names a file {name!r}: expected a relative path to a .py file")
+        files[name] = text
+    return files
 
 
 def parse_step(line):

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.logs import SEPARATOR, parse_log, printed_log_path, runs_from_log
+from tools.logs import SEPARATOR, parse_log, printed_log_path, runs_from_log, source_files
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "records"
@@ -461,8 +461,14 @@ def reproduce(record, n_runs=1, out=ROOT / "logs" / "reproduce", say=print):
     new_runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs[:n_runs]:
+            try:
+                files = source_files(run.log.source, track.trainer)
+            except ValueError as e:
+                raise RecordError(f"{run.log.path}: {e}") from None
+            for name, text in files.items():  # the trainer and the files it ran, such as kernels.py
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_text(text + "\n")
             source_file = Path(tmp) / track.trainer
-            source_file.write_text(run.log.source + "\n")
             cmd = reproduce_command(run, source_file, log_dir)
             say(f"reproducing {run.name} (seed {run.seed}): {shlex.join(cmd)}")
             result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
