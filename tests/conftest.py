@@ -21,6 +21,10 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA, skipped without it; `./run.sh test -m gpu` runs these alone")
+
+
 def cpu_env():
     """Environment for trainer subprocesses: CPU only, whatever the machine has."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -63,10 +67,10 @@ def trainer_command(nproc):
             str(ROOT / "train_gpt.py")]
 
 
-def run_trainer(cfg, nproc=1):
-    """Run train_gpt.py on the CPU with cfg's flags; return its parsed log."""
+def run_trainer(cfg, nproc=1, env=None):
+    """Run train_gpt.py with cfg's flags, on the CPU unless given another environment; return its parsed log."""
     from tools.logs import parse_log, printed_log_path
     result = subprocess.run([*trainer_command(nproc), *config_args(cfg)], capture_output=True, text=True,
-                            env=cpu_env(), timeout=600)
+                            env=env or cpu_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return parse_log(printed_log_path(result.stdout))

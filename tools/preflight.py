@@ -529,6 +529,14 @@ class Preflight:
         return dict(cfg=cfg, raw_model=raw_model, optimizers=optimizers, losses=losses, compile_s=compile_s,
                     build_s=build_s, step_s=step_s, memory=perf.peak_memory(self.device))
 
+    def fitting(self, cfg):
+        """attempt(cfg), or None when it runs out of memory. The attempt's tensors are freed on leaving the
+        except clause (its traceback holds them), before any other attempt starts."""
+        try:
+            return self.attempt(cfg)
+        except torch.cuda.OutOfMemoryError:
+            return None
+
     def build_and_compile(self, details):
         if not self.batch_ok:
             raise Outcome("SKIP", "the batch does not split over these processes")
@@ -537,22 +545,18 @@ class Preflight:
             raise Outcome("SKIP", f"one step of {self.preset} would take about {cpu_seconds / 60:.0f} min on this CPU: "
                                   f"the step checks need the GPUs it is meant for")
         cfg = self.cfg
-        try:
-            self.step = self.attempt(cfg)
-        except torch.cuda.OutOfMemoryError:
-            self.step = None
-            smaller = [m for m in divisors(cfg.batch_size // self.world_size) if m < cfg.micro_batch_size]
+        self.step = self.fitting(cfg)
+        if self.step is None:
             capacity = gib(perf.memory_capacity(self.device))
+            smaller = [m for m in divisors(cfg.batch_size // self.world_size) if m < cfg.micro_batch_size]
             for m in reversed(smaller):  # the largest micro-batch that fits
-                try:
-                    fits = self.attempt(dataclasses.replace(cfg, micro_batch_size=m))
-                except torch.cuda.OutOfMemoryError:
-                    continue
-                raise Outcome("FAIL", f"out of memory at micro_batch_size {cfg.micro_batch_size} ({capacity} cards); "
-                                      f"--micro_batch_size={m} fits (peak {gib(fits['memory'][0])}), with the same "
-                                      f"updates")
+                fits = self.fitting(dataclasses.replace(cfg, micro_batch_size=m))
+                if fits:  # the later checks stay skipped: they are of the configuration asked for
+                    raise Outcome("FAIL", f"out of memory at micro_batch_size {cfg.micro_batch_size} ({capacity} "
+                                          f"cards); --micro_batch_size={m} fits (peak {gib(fits['memory'][0])}), with "
+                                          f"the same updates")
             raise Outcome("FAIL", f"out of memory at micro_batch_size {cfg.micro_batch_size} ({capacity} cards), and no "
-                                  f"smaller micro-batch fits: this preset needs cards with more memory") from None
+                                  f"smaller micro-batch fits: this preset needs cards with more memory")
         s = self.step
         if not cfg.compile:
             return "PASS", f"built as training does; first two steps {s['compile_s']:.1f} s, uncompiled (--compile=false)"
