@@ -9,7 +9,7 @@ from scipy import stats
 import train_gpt
 from conftest import config_args, tiny_config
 from tools import records
-from tools.logs import SEPARATOR, parse_log, runs_from_log
+from tools.logs import SEPARATOR, parse_log, runs_from_log, source_files
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +255,24 @@ def test_reproduce_a_tiny_record(tiny_logs, tmp_path, readme):
     said.clear()
     records.reproduce(directory, n_runs=1, out=tmp_path / "rerun", say=said.append)
     assert said[-1].startswith("note: this machine") and "Another CPU, 64 cores" in said[-1]
+
+
+def test_reproduce_restores_every_logged_file(tiny_logs, tmp_path, readme):
+    """The rerun imports the kernels.py its log holds, not the checkout's; a file name that would leave
+    the temporary folder is refused."""
+    directory = records.submit(tiny_logs, "cpu", "Tiny", "tiny", records=tmp_path / "records", readme=readme,
+                               target=5.0)
+    logs = sorted(directory.glob("*.txt"))
+    for log in logs:
+        text = log.read_text()
+        assert text.count(f"\n{'-' * 100}\nfile: kernels.py\n") == 1
+        log.write_text(text.replace("\nfile: kernels.py\n", "\nfile: kernels.py\n# the logged copy\n"))
+    (new,) = records.reproduce(directory, n_runs=1, out=tmp_path / "rerun", say=lambda line: None)
+    assert source_files(new.log.source, "train_gpt.py")["kernels.py"].startswith("# the logged copy\n")
+    for log in logs:
+        log.write_text(log.read_text().replace("\nfile: kernels.py\n", "\nfile: ../kernels.py\n"))
+    with pytest.raises(records.RecordError, match=r"names a file '\.\./kernels\.py': expected a relative path"):
+        records.reproduce(directory, n_runs=1, out=tmp_path / "rerun", say=lambda line: None)
 
 
 def test_cifar_rerun_command(tmp_path):
