@@ -12,7 +12,8 @@ import time
 import torch
 
 from evals import hellaswag
-from train_gpt import UserError, load_model, text_codec
+from sampling import text_codec
+from train_gpt import UserError, load_model
 
 
 def main(argv=None):

@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from train_gpt import UserError, generate, load_model, start_of_text, text_codec
+from sampling import VocabularyError, generate, start_of_text, text_codec
+from train_gpt import UserError, load_model
 
 
 def main(argv=None):
@@ -33,7 +34,7 @@ def main(argv=None):
         if not prompt:
             raise UserError("the prompt encodes to no tokens")
         ids = generate(model, prompt, args.tokens, vocab, args.temperature, args.top_k, args.seed)
-    except UserError as e:
+    except (UserError, VocabularyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print((args.prompt or "") + decode(ids))

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -39,6 +38,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
+import sampling
 
 
 class UserError(Exception):
@@ -957,7 +957,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
     if cfg.hellaswag_every:
         from evals import hellaswag  # evaluation only: what trains stays in this file
 
-        encode, prefix = text_codec(cfg)[0], hellaswag.context_prefix(cfg.eot_token)
+        encode, prefix = sampling.text_codec(cfg)[0], hellaswag.context_prefix(cfg.eot_token)
 
         def items():  # checked here, so that no rank fails alone in the middle of an evaluation
             try:
@@ -1053,60 +1053,13 @@ def sync(device):
 
 # ----------------------------------------------------------------------------- sampling
 
-def text_codec(cfg, meta=None):
-    """(encode, decode, vocabulary size) of cfg's tokens: GPT-2's BPE for a GPT-2 vocabulary, else the
-    characters of the meta.json beside the train shards (or at meta). vocab_size may be larger: it is
-    padded for the matmuls."""
-    if cfg.vocab_size >= 50257:
-        enc = tiktoken.get_encoding("gpt2")
-        return enc.encode_ordinary, enc.decode, enc.n_vocab
-    meta = Path(meta or Path(cfg.train_files).parent / "meta.json")
-    if not meta.is_file():
-        raise UserError(f"{meta}: not found; a character-level model decodes with the meta.json written "
-                        f"beside its shards")
-    chars = json.loads(meta.read_text())["chars"]
-    index = {c: i for i, c in enumerate(chars)}
-
-    def encode(text):
-        unknown = sorted(set(text) - index.keys())
-        if unknown:
-            raise UserError(f"{meta}: the vocabulary has no {''.join(unknown)!r}")
-        return [index[c] for c in text]
-    return encode, lambda ids: "".join(chars[i] for i in ids), len(chars)
-
-
-def start_of_text(cfg, encode):
-    """A prompt to sample from nothing: a document start, or for continuous text a newline."""
-    return [cfg.eot_token] if cfg.eot_token >= 0 else encode("\n")
-
-
-@torch.no_grad()
-def generate(model, prompt, n_tokens, vocab, temperature=0.8, top_k=40, seed=0):
-    """Sample n_tokens ids after the prompt ids. Each step reruns the whole context (at most seq_len
-    tokens): no cache, which short samples do not need. Ids from vocab up, padding, are never drawn."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    ids = torch.tensor([prompt], device=device)
-    for _ in range(n_tokens):
-        logits = model(ids[:, -model.cfg.seq_len:], flex=False)[0, :vocab]
-        if temperature == 0:
-            token = logits.argmax().view(1)
-        else:
-            logits = logits / temperature
-            if top_k:
-                logits = logits.masked_fill(logits < logits.topk(min(top_k, vocab)).values[-1], float("-inf"))
-            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-        ids = torch.cat([ids, token.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
-
-
 def log_sample(model, cfg):
     """The end of a run's log: a sample from the trained model. The run is over, so a failure here
     (no tokenizer files offline, say) is reported, not raised."""
     head = f"sample: {cfg.sample_tokens} tokens, temperature 0.8, top-k 40, seed {cfg.seed}"
     try:
-        encode, decode, vocab = text_codec(cfg)
-        ids = generate(model, start_of_text(cfg, encode), cfg.sample_tokens, vocab, seed=cfg.seed)
+        encode, decode, vocab = sampling.text_codec(cfg)
+        ids = sampling.generate(model, sampling.start_of_text(cfg, encode), cfg.sample_tokens, vocab, seed=cfg.seed)
         return f"{head}\n{decode(ids)}"
     except Exception as e:
         return f"{head}: skipped ({type(e).__name__}: {e})"
@@ -1117,7 +1070,7 @@ def log_sample(model, cfg):
 SEPARATOR = "=" * 100
 # Every file a run executes. The log holds them all: the trainer, then each other one after a line of
 # 100 '-' and "file: NAME"; the checkpoint's source digest covers them, and `reproduce` restores them.
-SOURCES = ("train_gpt.py", "kernels.py")
+SOURCES = ("train_gpt.py", "kernels.py", "sampling.py")
 FILE_MARK = "-" * 100
 
 

@@ -9,7 +9,8 @@ import sample
 import train_gpt
 from conftest import config_args, tiny_config
 from tools.logs import SEPARATOR
-from train_gpt import GPT, UserError, generate, text_codec
+from sampling import VocabularyError, generate, text_codec
+from train_gpt import GPT
 
 
 def random_model(cfg, seed=0):
@@ -63,9 +64,9 @@ def test_character_codec(cfg, char_shards):
     chars = json.loads((char_shards / "meta.json").read_text())["chars"]
     assert vocab == len(chars) == 65
     assert decode(encode("ROMEO:\nO, she doth teach")) == "ROMEO:\nO, she doth teach"
-    with pytest.raises(UserError, match=r"meta\.json: the vocabulary has no '€'"):
+    with pytest.raises(VocabularyError, match=r"meta\.json: the vocabulary has no '€'"):
         encode("ask €")
-    with pytest.raises(UserError, match=r"nowhere/meta\.json: not found"):
+    with pytest.raises(VocabularyError, match=r"nowhere/meta\.json: not found"):
         text_codec(dataclasses.replace(cfg, train_files="nowhere/train_*.bin"))
 
 

@@ -87,7 +87,7 @@ def test_log_parses_back(char_shards, tmp_path):
     assert path.parent.name[:10].count("-") == 2  # logs/<YYYY-MM-DD_HHMMSS>_<id>/
     log = parse_log(path)
     files = source_files(log.source, "train_gpt.py")  # every file the run executed, the trainer first
-    assert list(files) == ["train_gpt.py", "kernels.py"] == list(train_gpt.SOURCES)
+    assert list(files) == ["train_gpt.py", "kernels.py", "sampling.py"] == list(train_gpt.SOURCES)
     assert all(files[name] == (ROOT / name).read_text().rstrip("\n") for name in files)
     assert log.config["preset"] == "cpu-shakespeare" and log.config["config"]["steps"] == 4
     assert "torch " + torch.__version__ in log.sections[0]
