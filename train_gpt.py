@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -519,7 +520,7 @@ def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True):
     return X.mT if tall else X
 
 
-# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
+# torch 2.13 renamed all_gather_into_tensor, deprecated there, to all_gather_single; 2.11 has the old name
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -881,9 +882,11 @@ def build(cfg, rank, world_size, device):
     raw_model = GPT(cfg, flex=flex).to(device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     ddp_model = model
-    if world_size > 1:  # the only buffers are the rotary tables, the same on every rank
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        forward_sync_buffers=False)
+    if world_size > 1:  # the only buffers are the rotary tables, the same on every rank: never synced
+        # (torch 2.13 names the switch forward_sync_buffers, deprecating 2.11's broadcast_buffers)
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+            "broadcast_buffers"
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
     return raw_model, model, ddp_model, build_optimizers(raw_model, cfg, rank, world_size, device)
 
 
