@@ -16,8 +16,8 @@ def test_preset_then_overrides():
 
 
 def test_a_bare_switch_is_true():
-    _, cfg = parse_config(["--preset", "gpt2-speedrun", "--benchmark", "--compile", "false"])
-    assert cfg.benchmark is True and cfg.compile is False
+    _, cfg = parse_config(["--preset", "gpt2-speedrun", "--muon_rms_match", "--compile", "false"])
+    assert cfg.muon_rms_match is True and cfg.compile is False
 
 
 def test_presets_differ_only_where_set():
