@@ -607,7 +607,7 @@ class Preflight:
         total = cfg.steps * s["step_s"]
         shown = f"{total / 60:.2f} min" if total >= 600 else f"{total:.1f} s"
         found = (f"{cfg.steps} x {1000 * s['step_s']:.1f} ms = {shown} of train time on {self.world_size} "
-                 f"{'GPU' if self.on_gpu else 'process'}(es), without validation and compilation")
+                 f"{'GPU(s)' if self.on_gpu else 'process(es)'}, without validation and compilation")
         return "PASS", found + (f"; {PUBLISHED[self.preset]}" if self.preset in PUBLISHED else "")
 
     # ------------------------------------------------------------------------- checkpoint
