@@ -300,11 +300,11 @@ class Preflight:
 
     def val_shard(self, details):
         self.no_data()
-        try:
-            tokens = train_gpt.load_val_tokens(self.cfg)
-        except UserError as e:
-            raise Outcome("FAIL", f"{e}; `{fetch_command(self.cfg)}` fetches it") from None
-        return "PASS", f"{len(tokens) - 1:,} targets from {self.cfg.val_files}"
+        cfg = self.cfg
+        if not glob.glob(cfg.val_files):
+            raise Outcome("FAIL", f"no shard matches {cfg.val_files!r}: `{fetch_command(cfg)}` fetches it")
+        tokens = train_gpt.load_val_tokens(cfg)
+        return "PASS", f"{len(tokens) - 1:,} targets from {cfg.val_files}"
 
     def disk(self, details):
         cfg = self.cfg
