@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,3 +75,25 @@ def run_trainer(cfg, nproc=1, env=None):
                             env=env or cpu_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return parse_log(printed_log_path(result.stdout))
+
+
+class Crash(Exception):
+    """Stands for a process killed mid-run."""
+
+
+def train_lines(cfg, run_dir, crash_at=None, device=None):
+    """Train in-process (on the CPU unless given a device); return the step lines. crash_at=k raises as
+    step k is logged, as a killed process would stop: mid-run, with no chance to save."""
+    from tools.logs import parse_step
+    lines = []
+
+    def log(line):
+        if crash_at is not None and line.startswith(f"step:{crash_at}/"):
+            raise Crash
+        lines.append(line)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        train_gpt.train(cfg, log, device=device or torch.device("cpu"), run_dir=run_dir)
+    except Crash:
+        pass
+    return [line for line in lines if parse_step(line)]

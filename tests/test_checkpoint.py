@@ -9,30 +9,9 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import config_args, cpu_env, run_trainer, tiny_config, trainer_command
+from conftest import Crash, config_args, cpu_env, run_trainer, tiny_config, train_lines, trainer_command
 from tools.logs import parse_step
 from train_gpt import UserError, load_checkpoint
-
-
-class Crash(Exception):
-    pass
-
-
-def train_lines(cfg, run_dir, crash_at=None):
-    """Train in-process; return the step lines. crash_at=k raises as step k is logged, as a killed
-    process would stop: mid-run, with no chance to save."""
-    lines = []
-
-    def log(line):
-        if crash_at is not None and line.startswith(f"step:{crash_at}/"):
-            raise Crash
-        lines.append(line)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        train_gpt.train(cfg, log, run_dir=run_dir)
-    except Crash:
-        pass
-    return [line for line in lines if parse_step(line)]
 
 
 def losses(lines):

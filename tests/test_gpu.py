@@ -18,7 +18,7 @@ import kernels
 import train_cifar
 import train_gpt
 from cifar10 import write_synthetic
-from conftest import ROOT, run_trainer, tiny_config
+from conftest import ROOT, run_trainer, tiny_config, train_lines
 from tools import preflight
 from tools.logs import parse_step
 
@@ -113,33 +113,15 @@ def test_compiled_training_step_learns_and_matches_eager(char_shards, tmp_path):
     assert not kernels.failed
 
 
-def train_lines(cfg, run_dir, crash_at=None):
-    """Train in-process on the GPU; the step lines. crash_at=k stops the run as step k is logged."""
-    lines = []
-
-    class Crash(Exception):
-        pass
-
-    def log(line):
-        if crash_at is not None and line.startswith(f"step:{crash_at}/"):
-            raise Crash
-        lines.append(line)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        train_gpt.train(cfg, log, device=cuda(), run_dir=run_dir)
-    except Crash:
-        pass
-    return [parse_step(line) for line in lines if parse_step(line)]
-
-
 def test_resume_on_one_gpu_continues_the_run(char_shards, tmp_path):
     """Stopped after step 4 (checkpoint at step 3) and resumed: the later losses are the uninterrupted run's,
     to GPU kernels' non-determinism, and so are the final weights."""
     cfg = gpu_config(char_shards, tmp_path, steps=8, cooldown_steps=4, save_every=3, val_every=2)
-    whole = train_lines(cfg, tmp_path / "whole")
-    train_lines(cfg, tmp_path / "stopped", crash_at=5)
-    resumed = train_lines(dataclasses.replace(cfg, resume=str(tmp_path / "stopped" / "step_000003.pt")),
-                          tmp_path / "resumed")
+    whole = list(map(parse_step, train_lines(cfg, tmp_path / "whole", device=cuda())))
+    train_lines(cfg, tmp_path / "stopped", crash_at=5, device=cuda())
+    resumed = list(map(parse_step, train_lines(
+        dataclasses.replace(cfg, resume=str(tmp_path / "stopped" / "step_000003.pt")), tmp_path / "resumed",
+        device=cuda())))
     tail = [s for s in whole if s.step > 3]
     assert [(s.step, s.kind) for s in resumed] == [(s.step, s.kind) for s in tail]
     for a, b in zip(resumed, tail):

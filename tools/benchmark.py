@@ -48,16 +48,14 @@ def gpt(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=None
     muon_s, hooked = perf.time_inside(muons, step, steps, device)
     per_process = steps * cfg.batch_size * cfg.seq_len / elapsed / world_size
     flops = perf.flops_per_token(cfg)
-    peak, peak_text = perf.peak_flops(device, cfg.dtype)
     probe = torch.empty(0, device=device, dtype=getattr(torch, cfg.dtype))  # what Newton-Schulz gets
     gram_by = "Triton" if cfg.muon_triton and kernels.gram_by_kernel(probe) else "torch"
     log(f"benchmark: {steps} steps of {cfg.batch_size * cfg.seq_len:,} random tokens after {warm} warm-up "
         f"steps, {world_size} process(es)")
     log(f"tokens/s per process: {per_process:,.0f}")
     log(f"model FLOPs per token: {flops / 1e9:.4f} GFLOP = {perf.flops_formula(cfg)}")
-    log(f"MFU: {flops * per_process / peak:.1%} of {peak_text}" if peak else f"MFU: unknown ({peak_text})")
-    log(f"Muon step: {muon_s / hooked:.1%} of the step time ({1000 * muon_s / steps:.1f} of "
-        f"{1000 * hooked / steps:.1f} ms; Gram matrices by {gram_by})")
+    log(f"MFU: {perf.mfu_text(flops, per_process, device, cfg.dtype)}")
+    log(perf.share_line("Muon", muon_s, hooked, steps, f"; Gram matrices by {gram_by}"))
     log(perf.memory_line(device))
     if profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -130,13 +128,11 @@ def cifar(cfg, device, log, steps=20):
     elapsed = perf.time_steps(step, steps, device)
     muon_s, hooked = perf.time_inside([muon], step, steps, device)
     images_s, flops = steps * cfg.batch_size / elapsed, counter.get_total_flops() / cfg.batch_size
-    peak, peak_text = perf.peak_flops(device, str(dtype).removeprefix("torch."))
     log(f"benchmark: {steps} steps of {cfg.batch_size} random images after 3 warm-up steps")
     log(f"images/s: {images_s:,.0f}")
     log(f"model FLOPs per image: {flops / 1e6:.1f} MFLOP (forward and backward, counted by torch.utils.flop_counter)")
-    log(f"MFU: {flops * images_s / peak:.1%} of {peak_text}" if peak else f"MFU: unknown ({peak_text})")
-    log(f"Muon step: {muon_s / hooked:.1%} of the step time ({1000 * muon_s / steps:.1f} of "
-        f"{1000 * hooked / steps:.1f} ms)")
+    log(f"MFU: {perf.mfu_text(flops, images_s, device, str(dtype).removeprefix('torch.'))}")
+    log(perf.share_line("Muon", muon_s, hooked, steps))
     log(perf.memory_line(device))
     return images_s
 

@@ -63,6 +63,18 @@ def peak_flops(device, dtype):
                             f"{'bf16' if bf16 else 'fp32'} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s")
 
 
+def mfu_text(flops_per_item, items_per_s, device, dtype):
+    """'12.3% of <the peak and where it comes from>' for a rate of items (tokens, images) per second."""
+    peak, peak_text = peak_flops(device, dtype)
+    return f"{flops_per_item * items_per_s / peak:.1%} of {peak_text}" if peak else f"unknown ({peak_text})"
+
+
+def share_line(name, inside_s, total_s, steps, note=""):
+    """The log line of an optimizer's share of the step time."""
+    return (f"{name} step: {inside_s / total_s:.1%} of the step time ({1000 * inside_s / steps:.1f} of "
+            f"{1000 * total_s / steps:.1f} ms{note})")
+
+
 def memory_capacity(device):
     """Bytes of memory the device has: the GPU's, or the machine's RAM."""
     if device.type == "cuda":

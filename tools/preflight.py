@@ -571,8 +571,7 @@ class Preflight:
     def step_time(self, details):
         s, cfg = self.ran(), self.cfg
         per_gpu = cfg.batch_size * cfg.seq_len / s["step_s"] / self.world_size
-        peak, peak_text = perf.peak_flops(self.device, cfg.dtype)
-        mfu = f"MFU {perf.flops_per_token(cfg) * per_gpu / peak:.1%} of {peak_text}" if peak else f"MFU unknown ({peak_text})"
+        mfu = f"MFU {perf.mfu_text(perf.flops_per_token(cfg), per_gpu, self.device, cfg.dtype)}"
         details.append(f"model FLOPs per token: {perf.flops_per_token(cfg) / 1e9:.4f} GFLOP = {perf.flops_formula(cfg)}")
         unit = "GPU" if self.on_gpu else "process"
         return "PASS", (f"{1000 * s['step_s']:.1f} ms a step over {self.timed_steps} steps, {per_gpu:,.0f} tokens/s "
