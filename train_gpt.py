@@ -6,7 +6,8 @@
     python train_gpt.py --save_every=50 --resume=latest              # checkpoints; continue the newest
 
 Sections: config and presets, data, model, optimizer, checkpoints, training loop, sampling, main. The
-Triton kernel of Newton-Schulz is in kernels.py; tools/ holds the benchmark and the preflight.
+Triton kernel of Newton-Schulz is in kernels.py, tokens and sampling in sampling.py (a run's log holds
+both); tools/ holds the benchmark and the preflight.
 """
 import argparse
 import contextlib
@@ -25,7 +26,6 @@ import threading
 import time
 import traceback
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -2,12 +2,10 @@
 made to fail: missing shards, a batch that does not divide, numerics, out of memory, memory and disk
 limits, an unpinned torch."""
 import dataclasses
-import os
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +248,19 @@ def test_two_processes_measure_collectives_and_agree(char_shards, tmp_path):
                                                           "accumulation step(s); 256 tokens a step")
     assert found["checkpoint / round trip"][0] == "PASS"  # rank 0's; rank 1 only gathers its Muon share
     assert "hardware" in result.stdout and "2 process(es) on the CPU" in found["environment / hardware"][1]
+
+
+def test_a_checkpoint_that_comes_back_changed_fails(char_shards, tmp_path, monkeypatch):
+    read = train_gpt.read_checkpoint
+
+    def flipped(path):  # one bit of one weight, as a faulty disk or filesystem would return it
+        ckpt = read(path)
+        ckpt["model"]["skip_weights"] = ckpt["model"]["skip_weights"].clone()
+        ckpt["model"]["skip_weights"].view(torch.int32)[0] ^= 1
+        return ckpt
+    monkeypatch.setattr(train_gpt, "read_checkpoint", flipped)
+    check = checker(tiny_config(char_shards, tmp_path), tmp_path)
+    for name, fn in (("build and compile", check.build_and_compile), ("round trip", check.checkpoint)):
+        check.check("step", name, fn)
+    assert check.results[-1][2:] == ("FAIL", "2 tensors changed on the way: read back: ['model']['skip_weights'] "
+                                             "differs")

@@ -20,7 +20,6 @@ It exits with 1 when a check fails.
 Without CUDA the checks that need it are skipped with the reason, and the step checks run only for a
 preset small enough for the CPU.
 """
-import argparse
 import dataclasses
 import gc
 import glob
@@ -36,7 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import kernels
 import train_gpt
@@ -205,7 +203,8 @@ class Preflight:
         lines = [f"{'check':<{width}}  status  reason"]
         lines += [f"{f'{s} / {n}':<{width}}  {status:<6}  {reason}" for s, n, status, reason in self.results]
         counts = {k: sum(r[2] == k for r in self.results) for k in RANK_ORDER}
-        lines.append(f"{len(self.results)} checks: " + ", ".join(f"{counts[k]} {k}" for k in ("PASS", "WARN", "FAIL", "SKIP")))
+        summary = ", ".join(f"{counts[k]} {k}" for k in ("PASS", "WARN", "FAIL", "SKIP"))
+        lines.append(f"{len(self.results)} checks: {summary}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------- environment
@@ -245,7 +244,8 @@ class Preflight:
         models = sorted(set(everyone))
         details.extend(f"rank {r}: {name}, {gib(memory)}" for r, (name, memory) in enumerate(everyone))
         cards = " + ".join(f"{sum(e == m for e in everyone)}x {m[0]} ({gib(m[1])})" for m in models)
-        found = f"{self.world_size} processes on {nodes} node(s): {cards}; {torch.cuda.device_count()} GPU(s) on this node"
+        found = (f"{self.world_size} processes on {nodes} node(s): {cards}; {torch.cuda.device_count()} GPU(s) on "
+                 f"this node")
         if local > torch.cuda.device_count():
             return "WARN", f"{found}: {local} processes per node share them"
         if len(models) > 1:
@@ -555,11 +555,12 @@ class Preflight:
                     raise Outcome("FAIL", f"out of memory at micro_batch_size {cfg.micro_batch_size} ({capacity} "
                                           f"cards); --micro_batch_size={m} fits (peak {gib(fits['memory'][0])}), with "
                                           f"the same updates")
-            raise Outcome("FAIL", f"out of memory at micro_batch_size {cfg.micro_batch_size} ({capacity} cards), and no "
-                                  f"smaller micro-batch fits: this preset needs cards with more memory")
+            raise Outcome("FAIL", f"out of memory at micro_batch_size {cfg.micro_batch_size} ({capacity} cards), and "
+                                  f"no smaller micro-batch fits: this preset needs cards with more memory")
         s = self.step
         if not cfg.compile:
-            return "PASS", f"built as training does; first two steps {s['compile_s']:.1f} s, uncompiled (--compile=false)"
+            return "PASS", (f"built as training does; first two steps {s['compile_s']:.1f} s, uncompiled "
+                            f"(--compile=false)")
         return "PASS", (f"built as training does; compiled in the first two steps: {s['compile_s']:.1f} s "
                         f"({s['build_s']:.1f} s with building)")
 
@@ -572,7 +573,8 @@ class Preflight:
         s, cfg = self.ran(), self.cfg
         per_gpu = cfg.batch_size * cfg.seq_len / s["step_s"] / self.world_size
         mfu = f"MFU {perf.mfu_text(perf.flops_per_token(cfg), per_gpu, self.device, cfg.dtype)}"
-        details.append(f"model FLOPs per token: {perf.flops_per_token(cfg) / 1e9:.4f} GFLOP = {perf.flops_formula(cfg)}")
+        details.append(f"model FLOPs per token: {perf.flops_per_token(cfg) / 1e9:.4f} GFLOP = "
+                       f"{perf.flops_formula(cfg)}")
         unit = "GPU" if self.on_gpu else "process"
         return "PASS", (f"{1000 * s['step_s']:.1f} ms a step over {self.timed_steps} steps, {per_gpu:,.0f} tokens/s "
                         f"per {unit}, {mfu}")
@@ -599,7 +601,8 @@ class Preflight:
         if not losses[-1] < losses[0]:
             return "FAIL", (f"on one repeated batch the loss went from {losses[0]:.4f} to {losses[-1]:.4f} in "
                             f"{len(losses)} steps: gradients do not flow")
-        return "PASS", f"finite, and on one repeated batch it falls from {losses[0]:.4f} to {losses[-1]:.4f} in {len(losses)} steps"
+        return "PASS", (f"finite, and on one repeated batch it falls from {losses[0]:.4f} to {losses[-1]:.4f} in "
+                        f"{len(losses)} steps")
 
     def projection(self, details):
         s, cfg = self.ran(), self.cfg
@@ -645,15 +648,19 @@ class Preflight:
 
     @staticmethod
     def differences(expected, got, how):
-        names, tensors = torch.utils._pytree.tree_flatten_with_path(expected)[0], []
-        flat_got = dict(torch.utils._pytree.tree_flatten_with_path(got)[0])
-        for key, value in names:
-            other = flat_got.get(key)
-            same = (isinstance(other, torch.Tensor) and other.shape == value.shape and other.dtype == value.dtype
-                    and torch.equal(bits(other.cpu()), bits(value))) if isinstance(value, torch.Tensor) else other == value
+        """'how: <path> differs' for each leaf of expected that got lacks, or holds with other bits."""
+        flat = torch.utils._pytree.tree_flatten_with_path
+        theirs, found = dict(flat(got)[0]), []
+        for key, value in flat(expected)[0]:
+            other = theirs.get(key)
+            if isinstance(value, torch.Tensor):
+                same = (isinstance(other, torch.Tensor) and other.shape == value.shape and other.dtype == value.dtype
+                        and torch.equal(bits(other.cpu()), bits(value)))
+            else:
+                same = other == value
             if not same:
-                tensors.append(f"{how}: {torch.utils._pytree.keystr(key)} differs")
-        return tensors
+                found.append(f"{how}: {torch.utils._pytree.keystr(key)} differs")
+        return found
 
 
 def main(argv=None):
