@@ -9,7 +9,7 @@ and CIFAR logs hold several runs each, as
     run:2/5 epoch:8/8 train_loss:0.9981 train_acc:0.9733
     run:2/5 test_acc:0.9412 time:3.021s
 Our logs also carry a JSON section with the full config. When a trainer runs code from other files of
-this repository (train_gpt.py's kernels.py), its source section holds each of them after the trainer's
+this repository (train_gpt.py's kernels.py and sampling.py), its source section holds each of them after the trainer's
 own source, opened by a line of 100 '-' and "file: NAME".
 """
 import json

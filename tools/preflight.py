@@ -139,6 +139,7 @@ class Preflight:
         self.batch_ok = False
         self.step = None  # what the real step measured, for the checks after it
         self.node_group = None  # the processes of this node, when there are several nodes
+        self.shapes, self.meta_model = block_matrix_shapes(cfg)  # the preset's model, built on meta once
         self.run_dir = log.path.parent if log.path else None
 
     # ------------------------------------------------------------------------- running checks
@@ -310,9 +311,8 @@ class Preflight:
         cfg = self.cfg
         if not cfg.save_every:
             raise Outcome("SKIP", "no --save_every: the run writes no checkpoint")
-        shapes, model = block_matrix_shapes(cfg)
-        params = sum(p.numel() for p in model.parameters())
-        matrices = sum(r * c * n for (r, c), n in shapes.items())
+        params = sum(p.numel() for p in self.meta_model.parameters())
+        matrices = sum(r * c * n for (r, c), n in self.shapes.items())
         adam = params - matrices if cfg.optimizer == "muon" else params
         n_bytes = 4 * params + 8 * adam + 4 * (params - adam)  # fp32 weights, Adam's two moments, Muon's momentum
         where = Path(cfg.log_dir).resolve()
@@ -378,7 +378,7 @@ class Preflight:
             raise Outcome("SKIP", "--muon_triton=false: Newton-Schulz uses torch's matmul")
         g = torch.Generator().manual_seed(0)
         problems, errors = [], []
-        for (rows, cols) in block_matrix_shapes(self.cfg)[0]:
+        for rows, cols in self.shapes:
             X = torch.randn(2, min(rows, cols), max(rows, cols), generator=g).to(self.device)
             X = (X / X.norm(dim=(-2, -1), keepdim=True)).to(self.dtype)  # as Newton-Schulz feeds it
             A = kernels.gram(X)
@@ -404,7 +404,7 @@ class Preflight:
         cfg = self.cfg
         g = torch.Generator().manual_seed(0)
         low, high = [], []
-        for rows, cols in block_matrix_shapes(cfg)[0]:
+        for rows, cols in self.shapes:
             G = with_spectrum((2, rows, cols), torch.logspace(0, -1, min(rows, cols)), self.device, g)
             O = train_gpt.newton_schulz(G, cfg.ns_steps, self.dtype, cfg.muon_triton)
             s = torch.linalg.svdvals(O.float())
@@ -463,7 +463,7 @@ class Preflight:
             dtype = getattr(torch, cfg.dtype)
             share = lambda n: -(-n // w)  # noqa: E731  Muon pads each group to a multiple of the processes
             sizes = [(share(n) * w * r * c * dtype.itemsize, dtype, f"Muon's {n} matrices of {r}x{c}")
-                     for (r, c), n in block_matrix_shapes(cfg)[0].items()]
+                     for (r, c), n in self.shapes.items()]
         figures = []
         for name, group, n in groups:
             for n_bytes, dtype, what in sizes:
