@@ -1,9 +1,14 @@
+import hashlib
 import json
 import math
+import re
+import shlex
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 import train_gpt
@@ -35,30 +40,60 @@ def write_log(path, source, sections):
     return path
 
 
-NVIDIA_SMI = """+-----------------------------------------------------------------------------------------+
+def nvidia_smi(gpus=8, busy=None, model="NVIDIA H100 80GB HBM3"):
+    """nvidia-smi's table as a public log holds it: one row per GPU, then a process on each busy GPU."""
+    head = """+-----------------------------------------------------------------------------------------+
 | NVIDIA-SMI 550.54.15              Driver Version: 550.54.15      CUDA Version: 12.4     |
 |-----------------------------------------+------------------------+----------------------+
 | GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
 |=========================================+========================+======================|
-""" + "".join(f"""|   {i}  NVIDIA H100 80GB HBM3          On  |   00000000:{i:02X}:00.0 Off |                    0 |
+"""
+    rows = "".join(f"""|   {i}  {model:<30}On  |   00000000:{i:02X}:00.0 Off |                    0 |
 | N/A   35C    P0            119W /  700W |    1234MiB /  81559MiB |      0%      Default |
 +-----------------------------------------+------------------------+----------------------+
-""" for i in range(8))
+""" for i in range(gpus))
+    processes = "".join(f"|    {i}   N/A  N/A     {4000 + i:>6}      C   /usr/bin/python3                         0MiB |\n"
+                        for i in range(gpus if busy is None else busy))
+    return head + rows + f"""
++-----------------------------------------------------------------------------------------+
+| Processes:                                                                              |
+|  GPU   GI   CI        PID   Type   Process name                              GPU Memory |
+|        ID   ID                                                               Usage      |
+|=========================================================================================|
+{processes}+-----------------------------------------------------------------------------------------+
+"""
 
 
-def public_log(path, last_step=1875):
-    """A log in the public speedrun's format (REFERENCE §6): source, versions and nvidia-smi, steps."""
-    lines = ["step:0/1875 val_loss:10.8258 train_time:0ms step_avg:nanms"]
+NVIDIA_SMI = nvidia_smi()
+
+
+def public_source(width=768, layers=12, tag="record"):
+    """A stand-in for a public trainer's source: what the tools read from it is the model's shape and the
+    data it reads; the tag makes one version of the code differ from another."""
+    return (f"# {tag}\nimport os\nimport torch\n\ntrain_files = 'data/fineweb10B/fineweb_train_*.bin'\n"
+            f"val_files = 'data/fineweb10B/fineweb_val_*.bin'\n"
+            f"model = GPT(vocab_size=50304, num_layers={layers}, num_heads=6, model_dim={width})\n"
+            f"print('the trainer')")
+
+
+def public_log(path, last_step=1875, final=None, ms_per_step=160.0, source=None, gpus=8, busy=None,
+               train_loss=True, torch_version="2.6.0.dev20241203+cu124"):
+    """A log in the public speedrun's format (REFERENCE §6): source, versions and nvidia-smi, steps. From
+    2025 its train lines carry no loss (train_loss=False). The last val loss is `final` when given."""
+    total = 1875
+    lines = [f"step:0/{total} val_loss:10.8258 train_time:0ms step_avg:nanms"]
     for step in range(1, last_step + 1):
-        lines.append(f"step:{step}/1875 train_loss:{3.3 + 1 / step:.4f} train_time:{160 * step}ms "
-                     f"step_avg:{160.0:.2f}ms")
-        if step % 125 == 0 or step == 1875:
-            lines.append(f"step:{step}/1875 val_loss:{3.2 + 100 / step:.4f} train_time:{160 * step}ms "
-                         f"step_avg:{160.0:.2f}ms")
+        ms = round(ms_per_step * step)
+        loss = f" train_loss:{3.3 + 1 / step:.4f}" if train_loss else ""
+        lines.append(f"step:{step}/{total}{loss} train_time:{ms}ms step_avg:{ms_per_step:.2f}ms")
+        if step % 125 == 0 or step == total:
+            val = final if step == total and final is not None else 3.2 + 100 / step
+            lines.append(f"step:{step}/{total} val_loss:{val:.4f} train_time:{ms}ms step_avg:{ms_per_step:.2f}ms")
     lines.append("peak memory allocated: 37653 MiB reserved: 39236 MiB")
-    source = "import os\nimport torch\n\nprint('the trainer')"
-    return write_log(path, source, ["Running Python 3.12.7\nRunning pytorch 2.6.0\n" + NVIDIA_SMI,
-                                    "\n".join(lines)])
+    source = "import os\nimport torch\n\nprint('the trainer')" if source is None else source
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_log(path, source, [f"Running Python 3.12.7\nRunning pytorch {torch_version}\n"
+                                    + nvidia_smi(gpus, busy), "\n".join(lines)])
 
 
 def cifar_log(path, finished=3):
@@ -87,12 +122,39 @@ def test_our_gpt_log(tiny_logs):
 
 
 def test_public_log(tmp_path):
-    (run,) = runs_from_log(parse_log(public_log(tmp_path / "0a1b2c.txt")))
+    (run,) = runs_from_log(parse_log(public_log(tmp_path / "0a1b2c.txt", source=public_source())))
     assert (run.kind, records.track_of(run), run.seed, run.name) == ("gpt", "gpt", None, "0a1b2c")
     assert run.result == pytest.approx(3.2 + 100 / 1875, abs=1e-4)
     assert run.time_s == 300.0 and run.steps == 1875 and len(run.curve) == 1 + 15
-    assert run.log.hardware == "8x NVIDIA H100 80GB HBM3"
-    assert run.log.source == "import os\nimport torch\n\nprint('the trainer')"
+    assert run.log.hardware == "8x NVIDIA H100 80GB HBM3" and run.log.torch_version == "2.6.0.dev20241203+cu124"
+    assert run.log.source == public_source() and run.log.digest == hashlib.sha256(public_source().encode()).hexdigest()[:8]
+
+
+def test_public_formats_of_later_years(tmp_path):
+    """Train lines without a loss (2025 on); one process on a node of 8 GPUs; the optimization track's
+    device line and seconds; a console capture (.log) with step lines but no source."""
+    (run,) = runs_from_log(parse_log(public_log(tmp_path / "a.txt", train_loss=False, gpus=8, busy=1,
+                                                source=public_source(width=1024, layers=16))))
+    assert run.log.hardware == "1x NVIDIA H100 80GB HBM3" and run.log.processes == 1
+    assert len(run.log.train) == 1875 and math.isnan(run.log.train[0].loss) and records.track_of(run) == "medium"
+    optimization = write_log(tmp_path / "seed1.txt", public_source(), [
+        "Running PyTorch 2.7.0+cu128 compiled for CUDA 12.8\nRunning on device_name=NVIDIA A800-SXM4-80GB with "
+        "world_size=1", "step:0/3148 val_loss:10.82581 train_time:0.000s step_avg:nanms\n"
+        "step:3148/3148 val_loss:3.27951 train_time:3148.500s step_avg:1000.16ms"])
+    (run,) = runs_from_log(parse_log(optimization))
+    assert (run.result, run.time_s, run.log.hardware) == (3.27951, 3148.5, "1x NVIDIA A800-SXM4-80GB")
+    assert run.log.torch_version == "2.7.0+cu128"
+    capture = tmp_path / "track_1_short" / "2026-01-01_X" / "baseline" / "run1.log"
+    capture.parent.mkdir(parents=True)
+    capture.write_text("W0331 13:01:01.874000 190183 torch/distributed/run.py:852] Setting OMP_NUM_THREADS\n"
+                       "[Gloo] Rank 6 is connected to 7 peer ranks. Expected number of connected peer ranks is : 7\n"
+                       "step:0/1490 val_loss:10.8284 train_time:0ms step_avg:0.03ms\n"
+                       "step:1490/1490 train_time:85501ms step_avg:57.38ms\n"
+                       "step:1490/1490 val_loss:3.2786 train_time:85603ms step_avg:57.45ms\n")
+    (run,) = runs_from_log(parse_log(capture))
+    assert (run.result, run.time_s, run.log.source, run.log.digest) == (3.2786, 85.603, "", None)
+    assert run.log.hardware == "8 processes, device not logged" and run.log.software == "not logged"
+    assert records.infer_track(run) == ("gpt", "the folder name track_1_short")
 
 
 def test_unfinished_logs_name_the_file(tmp_path):
@@ -121,7 +183,7 @@ def test_directories_are_searched_for_logs(tiny_logs, tmp_path):
     with pytest.raises(records.RecordError, match="missing: no such file"):
         records.load_runs([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(records.RecordError, match="empty: no training log"):
+    with pytest.raises(records.RecordError, match="empty: no finished run in any .txt or .log file"):
         records.load_runs([tmp_path / "empty"])
 
 
@@ -160,17 +222,209 @@ def test_summarize_and_significance_commands(tiny_logs, capsys):
     assert f"p = {p:.3g}" in capsys.readouterr().out
 
 
+# ----------------------------------------------------------------------------- groups
+
+def public_folder(root, rng=None):
+    """A public record folder as the speedrun keeps them: baseline/ and this_pr/ of different code on 8 GPUs,
+    this_pr's code again on 1 GPU, a GPT-2 Medium run pair, llm.c's main.log, a console capture (.log), a
+    run that did not finish, and a stray binary file."""
+    rng = rng or np.random.default_rng(0)
+    base, new = public_source(tag="baseline"), public_source(tag="this_pr")
+    for i in range(4):
+        public_log(root / "baseline" / f"b{i}.txt", final=3.2790 + rng.normal(0, 0.001), source=base, ms_per_step=100)
+        public_log(root / "this_pr" / f"p{i}.txt", final=3.2770 + rng.normal(0, 0.001), source=new, ms_per_step=95)
+    for i in range(2):
+        public_log(root / "this_pr" / f"single{i}.txt", final=3.2770 + rng.normal(0, 0.001), source=new, busy=1,
+                   ms_per_step=700)
+        public_log(root / "medium" / f"m{i}.txt", final=2.9160 + 0.001 * i, source=public_source(1024, 16),
+                   ms_per_step=220)
+    (root / "medium" / "main.log").write_text("".join(f"s:{s} tel:{4 - s / 1e5:.4f}\n" for s in range(0, 60001, 250)))
+    public_log(root / "this_pr" / "stopped.txt", last_step=1000, source=new)
+    (root / "junk.txt").write_bytes(bytes(range(256)) * 4)
+    return root
+
+
+def test_groups_split_source_hardware_and_track(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = public_folder(tmp_path / "2026-01-01_Record")
+    groups = records.group_runs(records.load_runs([root], strict=False))
+    names = {g.name: g for g in groups}
+    assert sorted(names) == ["2026-01-01_Record/baseline", "2026-01-01_Record/medium",
+                             "2026-01-01_Record/this_pr [on 1x NVIDIA H100 80GB HBM3]",
+                             "2026-01-01_Record/this_pr [on 8x NVIDIA H100 80GB HBM3]"]
+    assert sorted(len(g.runs) for g in groups) == [2, 2, 4, 4]
+    assert names["2026-01-01_Record/medium"].track == "medium"
+    assert {g.track for g in groups} == {"gpt", "medium"}
+    capsys.readouterr()
+
+    assert records.main(["significance", str(root)]) == 0
+    out, err = capsys.readouterr()
+    blocks = out.split("\n\n")
+    assert len(blocks) == 4 and all(b.startswith("== 2026-01-01_Record/") for b in blocks)
+    medium = next(b for b in blocks if "medium" in b.splitlines()[0])
+    finals = [2.916, 2.917]
+    p = stats.ttest_1samp(finals, 2.92, alternative="less").pvalue
+    assert f"one-sided t-test of mean <= 2.92: t = " in medium and f"p = {p:.3g}" in medium
+    assert "track medium (model_dim 1024 in its source)" in medium
+    for line in err.splitlines():  # one line for each file that holds no finished run, and nothing else
+        assert line.startswith("skipped ")
+    assert len(err.splitlines()) == 3
+    assert "main.log: llm.c's format ('s:N tel:LOSS' lines)" in err and "junk.txt: " in err
+    assert "stopped.txt: the last val_loss is at step 1000 of 1875: the run did not finish" in err
+
+
+def test_pooling_takes_a_flag_and_warns(tmp_path, capsys):
+    root = public_folder(tmp_path / "r")
+    shutil.rmtree(root / "medium")
+    assert records.main(["significance", str(root), "--pool"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("== pooled: ") and "n = 10" in out
+    warning = next(line for line in err.splitlines() if line.startswith("warning:"))
+    assert "pooling 3 groups" in warning and "differ in source (" in warning and "hardware (" in warning
+    assert "1x NVIDIA H100 80GB HBM3; 8x NVIDIA H100 80GB HBM3" in warning
+
+
+def test_no_input_gives_a_traceback(tmp_path, capsys, tiny_logs):
+    (tmp_path / "empty").mkdir()
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(tiny_logs[0].parent, unfinished / "run")
+    log = unfinished / "run" / "log.txt"
+    log.write_text(log.read_text().rsplit("step:8/8 val_loss", 1)[0])  # killed before its last evaluation
+    truncated = tmp_path / "truncated.txt"
+    truncated.write_text(public_log(tmp_path / "whole.txt", source=public_source()).read_text()[:30_000])
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\xff" * 100)
+    (tmp_path / "latin1.log").write_bytes("step:1/2 caf\xe9".encode("latin-1"))
+    cases = {"empty": "no finished run in any .txt or .log file", "unfinished": "no finished run",
+             "truncated.txt": "the run did not finish", "binary.txt": "binary data, not a text log",
+             "latin1.log": "byte 12 is not UTF-8", "missing": "no such file or directory"}
+    for name, reason in cases.items():
+        for command in (["summarize"], ["significance"], ["plot", "-o", str(tmp_path / "x.png")],
+                        ["reproduce", "--dry-run"], ["compare", str(tmp_path / name)]):
+            assert records.main([*command, str(tmp_path / name)]) == 1
+            err = capsys.readouterr().err.splitlines()
+            assert err[-1].startswith("error: ") and reason in err[-1], (command, name, err)
+            assert not any("Traceback" in line for line in err)
+
+
+def test_figures_never_round_onto_the_target(tmp_path, capsys):
+    assert records.decimals([2.919956], 2.92) == 5 and f"{2.919956:.5f}" == "2.91996"
+    assert records.decimals([3.2799999], 3.28) == 7 and records.decimals([3.2751, 3.2849], 3.28) == 4
+    assert records.decimals([94.00004], 94.0) == 5 and records.decimals([2.92], 2.92) == 4
+    source = public_source(1024, 16)
+    for i, final in enumerate([2.919956, 2.919951]):
+        public_log(tmp_path / "m" / f"{i}.txt", source=source, final=final, ms_per_step=400)
+    text = (tmp_path / "m" / "0.txt").read_text()
+    (tmp_path / "m" / "0.txt").write_text(text.replace("val_loss:2.9200 ", "val_loss:2.919956 "))
+    (tmp_path / "m" / "1.txt").write_text(text.replace("val_loss:2.9200 ", "val_loss:2.919951 "))
+    assert records.main(["summarize", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "2.9200" not in out and "2.91996" in out and "2.91995" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    assert "train time (min)" in header  # 1875 x 400 ms = 12.5 min: the whole column in minutes
+    assert "12.50" in next(line for line in lines if line.startswith("0 "))
+
+
+# ----------------------------------------------------------------------------- compare
+
+def two_groups(root, a, b, time_a, time_b, seed=0):
+    rng = np.random.default_rng(seed)
+    for name, (mean, std), ms, tag in (("a", a, time_a, "A"), ("b", b, time_b, "B")):
+        for i, (loss, t) in enumerate(zip(rng.normal(mean, std, 5), rng.normal(ms, ms * 0.01, 5))):
+            public_log(root / name / f"{i}.txt", final=loss, ms_per_step=t, source=public_source(tag=tag))
+    return records.one_group(root / "a", False), records.one_group(root / "b", False)
+
+
+def test_compare_answers_the_reviewers_question(tmp_path):
+    a, b = two_groups(tmp_path / "yes", (3.279, 0.001), (3.276, 0.001), 100, 90)
+    said = []
+    assert records.compare(a, b, say=said.append) is True
+    text = "\n".join(said)
+    welch = stats.ttest_ind(b.times, a.times, equal_var=False, alternative="less")
+    assert f"one-sided p = {welch.pvalue:.3g})" in text
+    loss = stats.ttest_ind(b.results, a.results, equal_var=False)
+    assert f"two-sided p = {loss.pvalue:.3g})" in text
+    target = stats.ttest_1samp(b.results, 3.28, alternative="less")
+    assert f"B against the target: mean val loss <= 3.28, one-sided p = {target.pvalue:.3g}" in text
+    assert said[-1].startswith("answer: yes. B is faster than A")
+
+    a, b = two_groups(tmp_path / "slower", (3.279, 0.001), (3.276, 0.001), 100, 110)
+    said.clear()
+    assert records.compare(a, b, say=said.append) is False
+    assert said[-1] == "answer: no. B is not faster on average: more runs will not make it so"
+
+
+def test_compare_says_how_many_runs_would_settle_it(tmp_path):
+    a, b = two_groups(tmp_path, (3.279, 0.001), (3.2796, 0.001), 100, 99.5, seed=1)
+    said = []
+    assert records.compare(a, b, say=said.append) is False
+    answer = said[-1]
+    assert answer.startswith("answer: not yet. B is faster by ")
+    runs = [int(m) for m in re.findall(r"about (\d+) more runs?", answer)]
+    assert len(runs) == 2
+    # the estimate is the least k for which the measured means and stds would give p < 0.01
+    (ma, sa), (mb, sb), n = records.describe(a.times), records.describe(b.times), len(a.runs)
+    def p_time(k):
+        return stats.ttest_ind_from_stats(mb, sb, n + k, ma, sa, n + k, equal_var=False, alternative="less").pvalue
+    assert p_time(runs[0]) < 0.01 <= p_time(runs[0] - 1)
+    (mr, sr) = records.describe(b.results)
+    def p_loss(k):
+        return stats.t.cdf((mr - 3.28) / (sr / math.sqrt(n + k)), n + k - 1)
+    assert p_loss(runs[1]) < 0.01 <= p_loss(runs[1] - 1)
+
+
+def test_compare_command_needs_one_group_a_side(tmp_path, capsys):
+    root = public_folder(tmp_path / "r")
+    assert records.main(["compare", str(root / "baseline"), str(root / "this_pr")]) == 1
+    err = capsys.readouterr().err
+    assert "this_pr holds 2 groups" in err and "give one of their folders, or --pool" in err
+    (root / "this_pr" / "single0.txt").unlink()
+    (root / "this_pr" / "single1.txt").unlink()
+    assert records.main(["compare", str(root / "baseline"), str(root / "this_pr")]) == 0
+    out = capsys.readouterr().out
+    assert "answer: " in out and "r/baseline" in out and "r/this_pr" in out
+
+
 # ----------------------------------------------------------------------------- plots
 
 def test_plot_compares_two_groups(tiny_logs, tmp_path):
     out = tmp_path / "curves.png"
     assert records.main(["plot", str(tiny_logs[0]), str(tiny_logs[1].parent), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    cifar = records.load_runs([cifar_log(tmp_path / "cifar.txt")])
-    records.plot([("cifar", cifar)], tmp_path / "cifar.png", 94)
+    cifar = records.group_runs(records.load_runs([cifar_log(tmp_path / "cifar.txt")]))
+    records.plot(cifar, tmp_path / "cifar.png")
     assert (tmp_path / "cifar.png").stat().st_size > 10_000
     with pytest.raises(records.RecordError, match="GPT and CIFAR"):
-        records.plot([("a", records.load_runs([tiny_logs[0]])), ("b", cifar)], tmp_path / "x.png")
+        records.plot(records.group_runs(records.load_runs([tiny_logs[0]])) + cifar, tmp_path / "x.png")
+
+
+def test_plot_stays_readable_with_many_runs(tmp_path):
+    """40 runs in 3 groups of two tracks: one legend entry per group, thin lines in the group's colour, y framed
+    by the curves' second half (not step 0's 10.8), and each track's target line."""
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        public_log(tmp_path / "a" / f"{i}.txt", final=3.279 + rng.normal(0, 0.002), source=public_source(tag="a"))
+        public_log(tmp_path / "b" / f"{i}.txt", final=3.276 + rng.normal(0, 0.002), source=public_source(tag="b"),
+                   ms_per_step=150)
+    for i in range(8):
+        public_log(tmp_path / "m" / f"{i}.txt", final=2.918 + rng.normal(0, 0.002), source=public_source(1024, 16),
+                   ms_per_step=400)
+    groups = records.group_runs(records.load_runs([tmp_path]))
+    assert sorted(len(g.runs) for g in groups) == [8, 16, 16]
+    fig = records.draw(groups)
+    by_step, by_time = fig.axes
+    legend = [t.get_text() for t in by_time.get_legend().get_texts()]
+    assert len(legend) == 3 + 2 and "target 3.28 (gpt)" in legend and "target 2.92 (medium)" in legend
+    runs = [line for line in by_step.get_lines() if len(line.get_xdata()) > 2]
+    assert len(runs) == 40 and all(line.get_linewidth() <= 1 for line in runs)
+    assert len({line.get_color() for line in runs}) == 3
+    low, high = by_step.get_ylim()
+    assert low < 2.92 and 3.2 + 100 / 1000 < high < 4  # step 0's 10.83 and step 125's 4.0 are left out
+    targets = [line.get_ydata()[0] for line in by_step.get_lines() if len(line.get_xdata()) == 2]
+    assert sorted(targets) == [2.92, 3.28]
+    assert by_time.get_xlabel().startswith("train time (min")  # the medium runs take 12.5 min
+    records.plot(groups, tmp_path / "many.png")
+    assert (tmp_path / "many.png").stat().st_size > 30_000
 
 
 # ----------------------------------------------------------------------------- submit
@@ -191,7 +445,8 @@ def test_submit_writes_the_record(tiny_logs, tmp_path, readme):
     assert "\npython train_gpt.py --preset cpu-shakespeare '--train_files=" in text and "log_dir" not in text
     assert json.loads((directory / "record.json").read_text())["target"] == 5.0
     table = readme.read_text()
-    assert f"| 1 | {records.format_time(np.mean([r.time_s for r in runs]))} | {mean:.4f} | 3 | a tiny model" in table
+    assert "| # | train time (s) | val loss | runs |" in table
+    assert f"| 1 | {np.mean([r.time_s for r in runs]):.2f} | {mean:.4f} | 3 | a tiny model" in table
     assert "[TinyTest](records/cpu/2026-01-02_TinyTest/)" in table
     with pytest.raises(records.RecordError, match="exists already"):
         records.submit(tiny_logs, "cpu", "TinyTest", "again", date="2026-01-02", records=tmp_path / "records",
@@ -250,8 +505,8 @@ def test_reproduce_a_tiny_record(tiny_logs, tmp_path, readme):
     assert "(identical)" in said[1] and said[2].endswith(": within 2 std of the record")
     assert not any(line.startswith("note:") for line in said)
 
-    log = directory / f"{first.name}.txt"  # pretend the record was made elsewhere
-    log.write_text(log.read_text().replace("cpu: ", "cpu: Another CPU, 64 cores, torch threads 64 (was ", 1))
+    for log in directory.glob("*.txt"):  # pretend the record was made elsewhere
+        log.write_text(log.read_text().replace("\ncpu: ", "\ncpu: Another CPU, 64 cores, torch threads 64 (was ", 1))
     said.clear()
     records.reproduce(directory, n_runs=1, out=tmp_path / "rerun", say=said.append)
     assert said[-1].startswith("note: this machine") and "Another CPU, 64 cores" in said[-1]
@@ -273,6 +528,47 @@ def test_reproduce_restores_every_logged_file(tiny_logs, tmp_path, readme):
         log.write_text(log.read_text().replace("\nfile: kernels.py\n", "\nfile: ../kernels.py\n"))
     with pytest.raises(records.RecordError, match=r"names a file '\.\./kernels\.py': expected a relative path"):
         records.reproduce(directory, n_runs=1, out=tmp_path / "rerun", say=lambda line: None)
+
+
+def test_reproduce_a_public_log(tmp_path, capsys):
+    """--dry-run writes the logged source and prints the torchrun command with the logged GPU count, the data
+    and both torch versions; without enough GPUs it says why and exits non-zero."""
+    log = public_log(tmp_path / "r" / "0a1b.txt", source=public_source(), torch_version="2.6.0.dev20241203+cu124")
+    assert records.main(["reproduce", str(log), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(":", 1) for line in out.splitlines())
+    assert lines["logged"].strip() == "torch 2.6.0.dev20241203+cu124 on 8x NVIDIA H100 80GB HBM3, 8 process(es)"
+    assert lines["here"].strip() == f"torch {torch.__version__} with {torch.cuda.device_count()} GPU(s)"
+    assert "warning: the log ran on torch 2.6.0.dev20241203+cu124" in out
+    assert "data/fineweb10B/fineweb_train_*.bin, data/fineweb10B/fineweb_val_*.bin" in lines["data"]
+    source = Path(lines["source"].strip())
+    assert source.name == "train_gpt.py" and source.read_text() == public_source() + "\n"
+    command = shlex.split(lines["command"].split("&&")[1])
+    assert command == ["torchrun", "--standalone", "--nproc_per_node=8", str(source)]
+    assert shlex.split(lines["command"].split("&&")[0]) == ["cd", str(records.ROOT)]
+
+    single = public_log(tmp_path / "s" / "medium.txt", source=public_source(1024, 16), busy=1,
+                        torch_version=torch.__version__)
+    assert records.main(["reproduce", str(single), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--nproc_per_node=1 " in out and "train_gpt_medium.py" in out and "warning" not in out
+
+    if torch.cuda.device_count() < 8:
+        assert records.main(["reproduce", str(log)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: the log ran 8 process(es) on 8x NVIDIA H100 80GB HBM3; this machine has "
+                              f"{torch.cuda.device_count()} GPU(s)")
+    assert records.main(["reproduce", str(tmp_path)]) == 1
+    assert "holds 2 groups" in capsys.readouterr().err
+
+
+def test_reproduce_dry_run_of_our_record_runs_nothing(tiny_logs, tmp_path, readme, capsys):
+    directory = records.submit(tiny_logs, "cpu", "Tiny", "tiny", records=tmp_path / "records", readme=readme,
+                               target=5.0)
+    said = []
+    assert records.reproduce(directory, n_runs=2, out=tmp_path / "rerun", say=said.append, dry_run=True) == []
+    assert len(said) == 2 and all(line.startswith("reproducing ") for line in said)
+    assert "--preset cpu-shakespeare" in said[0] and not (tmp_path / "rerun").exists()
 
 
 def test_cifar_rerun_command(tmp_path):

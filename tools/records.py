@@ -1,17 +1,19 @@
-"""Speedrun records: summarise runs, test them, plot them, submit a record and reproduce one.
+"""Speedrun records: summarise runs, test them, compare them, plot them, submit a record and reproduce one.
 
-    python -m tools.records summarize LOG_OR_DIR...
-    python -m tools.records significance LOG_OR_DIR... [--target 1.88]
+    python -m tools.records summarize LOG_OR_DIR...               [--pool] [--target X]
+    python -m tools.records significance LOG_OR_DIR...            [--pool] [--target X]
+    python -m tools.records compare A B                           [--target X]
     python -m tools.records plot LOG_OR_DIR... -o curves.png
     python -m tools.records submit LOG_OR_DIR... --track cpu --name ShortName --description "..."
-    python -m tools.records reproduce records/cpu/<YYYY-MM-DD>_<Name> [--runs 2]
+    python -m tools.records reproduce RECORD_OR_LOG [--runs 2] [--dry-run]
     python -m tools.records table
 
-A LOG_OR_DIR is a log file or a directory searched for logs (a record, logs/, a run's folder).
-Each argument of `plot` is drawn in its own colour, so `plot records/cpu/A records/cpu/B`
-compares two records. Records live in records/<track>/<YYYY-MM-DD>_<Name>/: the run logs as the
-trainer wrote them (source included), README.md, curves.png and record.json; the tables of the
-top-level README.md are made from them.
+A LOG_OR_DIR is a log file (.txt or .log) or a directory searched for logs: a record, logs/, a public
+record folder with its baseline/ and this_pr/ runs. Runs are compared only within a group: the
+same source (a digest of the logged code), the same hardware (GPU model and process count, or CPU)
+and the same track, whose target is the default one. Our records live in
+records/<track>/<YYYY-MM-DD>_<Name>/: the run logs as the trainer wrote them (source included),
+README.md, curves.png and record.json; the tables of the top-level README.md are made from them.
 """
 import argparse
 import json
@@ -28,10 +30,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.logs import SEPARATOR, parse_log, printed_log_path, runs_from_log, source_files
+from tools.logs import LogError, NotALog, parse_log, printed_log_path, runs_from_log, source_files
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "records"
+LOG_SUFFIXES = (".txt", ".log")
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,12 @@ class Track:
 
 TRACKS = {
     "gpt": Track("GPT-2 (124M) on FineWeb, 8x H100", "val_loss", 3.28, True, "train_gpt.py"),
+    "medium": Track("GPT-2 Medium (350M) on FineWeb, 8x H100", "val_loss", 2.92, True, "train_gpt.py"),
     "cifar": Track("CIFAR-10 to 94% on one GPU", "test_acc", 94.0, False, "train_cifar.py"),
     "cpu": Track("tiny Shakespeare on the 2-core CPU", "val_loss", 1.88, True, "train_gpt.py"),
 }
+WIDTH_TRACKS = {768: "gpt", 1024: "medium"}  # GPT-2's 124M and Medium models, by width
+FOLDER_TRACKS = {"medium": "medium", "track_1_short": "gpt", "cifar": "cifar"}  # the public folders' names
 ALPHA = 0.01  # records claim their target with p below this
 
 
@@ -55,24 +61,26 @@ class RecordError(Exception):
     """Input the user can fix; printed as one line."""
 
 
+def warn(message):
+    print(message, file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- loading runs
 
 def find_logs(path):
-    """A log file as given, or every training log under a directory (other .txt files skipped)."""
+    """A log file as given, or every .txt and .log file under a directory."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise RecordError(f"{path}: no such file or directory")
-    logs = [p for p in sorted(path.rglob("*.txt")) if f"\n{SEPARATOR}\n" in p.read_text(errors="replace")]
-    if not logs:
-        raise RecordError(f"{path}: no training log in this directory")
-    return logs
+    return sorted(p for p in path.rglob("*") if p.suffix in LOG_SUFFIXES and p.is_file())
 
 
-def load_runs(paths, strict=True):
-    """The finished runs in these logs and directories, each log once. An unfinished or unreadable
-    log is an error; with strict=False, one found by searching a directory is skipped with a warning."""
+def load_runs(paths, strict=True, say=warn):
+    """The finished runs in these logs and directories, each log once. A file named on the command line
+    that holds no finished run is an error. In a directory, a file that is no training log is skipped with
+    its reason, in one line, and so is an unfinished log unless strict."""
     runs, seen = [], set()
     for path in paths:
         for file in find_logs(path):
@@ -81,28 +89,153 @@ def load_runs(paths, strict=True):
             seen.add(file.resolve())
             try:
                 runs += runs_from_log(parse_log(file))
-            except (ValueError, UnicodeDecodeError) as e:
-                if strict or file == Path(path):
+            except (LogError, OSError) as e:
+                if file == Path(path) or (strict and not isinstance(e, NotALog)):
                     raise RecordError(str(e)) from None
-                print(f"warning: skipped {e}", file=sys.stderr)
+                say(f"skipped {e}")
+    if not runs:
+        raise RecordError(f"{', '.join(map(str, paths))}: no finished run"
+                          + ("" if all(Path(p).is_file() for p in paths) else " in any .txt or .log file"))
     return runs
 
 
-def track_of(run):
-    """cifar for CIFAR logs, cpu for GPT logs trained on tiny Shakespeare, gpt otherwise (public logs too)."""
+# ----------------------------------------------------------------------------- tracks and groups
+
+MODEL_WIDTH = re.compile(r"\b(?:model_dim|n_embd)\s*(?::\s*int\s*)?=\s*(\d+)")
+
+
+def infer_track(run):
+    """(track name or None, how it was told). Our logs say what they trained; a public log's track
+    follows the model width in its source (768: 124M, 1024: Medium), else a folder name."""
     if run.kind == "cifar":
-        return "cifar"
-    val_files = run.log.config.get("config", {}).get("val_files", "")  # the data, not the preset's name
-    return "cpu" if "shakespeare" in val_files else "gpt"
+        return "cifar", "a CIFAR-10 log"
+    config = run.log.config.get("config")
+    if config:
+        if "shakespeare" in config.get("val_files", ""):  # the data, not the preset's name
+            return "cpu", "trained on tiny Shakespeare"
+        widths = {config.get("model_dim")}
+        how = f"its config's model_dim {config.get('model_dim')}"
+    else:
+        widths = {int(w) for w in MODEL_WIDTH.findall(run.log.source)}
+        how = f"model_dim {' or '.join(map(str, sorted(widths)))} in its source"
+    if len(widths) == 1 and widths <= WIDTH_TRACKS.keys():
+        return WIDTH_TRACKS[widths.pop()], how
+    for folder in reversed(run.log.path.resolve().parent.parts):
+        for word, name in FOLDER_TRACKS.items():
+            if word in folder.lower():
+                return name, f"the folder name {folder}"
+    if not widths:
+        how = "no model width in its source"
+    return None, f"{how}, and no folder named for a track"
+
+
+def track_of(run):
+    return infer_track(run)[0]
+
+
+@dataclass
+class Group:
+    """Runs that compare: one source, one hardware, one track."""
+    name: str
+    runs: list
+    track: str  # a key of TRACKS, or None when it could not be told
+    how: str  # how the track was told
+
+    @property
+    def results(self):
+        return [r.result for r in self.runs]
+
+    @property
+    def times(self):
+        return [r.time_s for r in self.runs]
+
+    @property
+    def sources(self):
+        return sorted({r.log.digest or "not logged" for r in self.runs})
+
+    @property
+    def hardware(self):
+        return sorted({r.log.hardware for r in self.runs})
+
+    def describe(self):
+        track = f"track {self.track}" if self.track else "track unknown"
+        return (f"source {', '.join(self.sources)} · {'; '.join(self.hardware)} · {len(self.runs)} "
+                f"run{'s' * (len(self.runs) > 1)} · {track} ({self.how})")
+
+
+def folder_of(run):
+    """The folder that holds a run: a public log's, or the folder above our logs/<run>/log.txt."""
+    path = run.log.path.resolve()
+    return path.parent.parent if path.name == "log.txt" else path.parent
+
+
+def shown(path):
+    """A path as the user would type it: relative to the working directory when under it."""
+    try:
+        return Path(path).relative_to(Path.cwd()).as_posix() or "."
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def group_runs(runs):
+    """The runs split by (source digest, hardware, track), in the order first seen, each group named by
+    the folder that holds its runs, and by what tells it apart from another group in that folder."""
+    keyed = {}
+    for r in runs:
+        track, how = infer_track(r)
+        source = r.log.digest or f"not logged ({shown(folder_of(r))})"  # without a source, a folder is one code
+        keyed.setdefault((source, r.log.hardware, track), (how, []))[1].append(r)
+    folders = {key: Path(os.path.commonpath([str(folder_of(r)) for r in group])) for key, (_, group) in keyed.items()}
+    groups = []
+    for key, (how, group) in keyed.items():
+        name = shown(folders[key])
+        rivals = [k for k in keyed if k != key and folders[k] == folders[key]]
+        tags = [f"{label} {mine}" for i, label in enumerate(("source", "on", "track"))
+                for mine in [key[i]] if any(k[i] != mine for k in rivals)]
+        groups.append(Group(f"{name} [{', '.join(tags)}]" if tags else name, group, key[2], how))
+    return groups
+
+
+def pooled(groups, say=warn):
+    """All groups as one; it warns, naming what differs, when there is more than one."""
+    if len(groups) == 1:
+        return groups[0]
+    runs = [r for g in groups for r in g.runs]
+    differ = [f"{what} ({'; '.join(values)})" for what, values in (
+        ("source", sorted({r.log.digest or "not logged" for r in runs})), ("hardware", sorted({r.log.hardware for r in runs})),
+        ("track", sorted({str(g.track) for g in groups}))) if len(values) > 1]
+    say(f"warning: pooling {len(groups)} groups ({', '.join(g.name for g in groups)}) that differ in "
+        f"{' and '.join(differ)}: one mean and one test over runs that do not compare")
+    tracks = {g.track for g in groups}
+    return Group(f"pooled: {', '.join(g.name for g in groups)}", runs, tracks.pop() if len(tracks) == 1 else None,
+                 "pooled")
+
+
+def grouped(paths, pool=False, say=warn):
+    groups = group_runs(load_runs(paths, strict=False, say=say))
+    return [pooled(groups, say)] if pool else groups
+
+
+def target_of(group, target=None):
+    """(Track, target): the group's track and its target, or the one given."""
+    track = TRACKS.get(group.track)
+    if track is None:
+        if target is None:
+            raise RecordError(f"{group.name}: the track is unknown ({group.how}): give --target")
+        track = TRACKS["gpt"] if group.runs[0].kind == "gpt" else TRACKS["cifar"]
+    return track, track.target if target is None else target
 
 
 def one_track(runs, track=None):
     tracks = {track_of(r) for r in runs}
     if track and tracks != {track}:
-        raise RecordError(f"these logs are from track {', '.join(sorted(tracks))}, not {track}")
+        raise RecordError(f"these logs are from track {', '.join(sorted(map(str, tracks)))}, not {track}")
     if len(tracks) > 1:
-        raise RecordError(f"these logs mix tracks ({', '.join(sorted(tracks))}): give one track at a time")
-    return TRACKS[tracks.pop()]
+        raise RecordError(f"these logs mix tracks ({', '.join(sorted(map(str, tracks)))}): give one track at a time")
+    name = tracks.pop()
+    if name is None:
+        raise RecordError(f"{runs[0].log.path}: the track is unknown ({infer_track(runs[0])[1]})")
+    return TRACKS[name]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -122,106 +255,248 @@ def significance(values, target, lower_is_better=True):
     return float(result.statistic), float(result.pvalue)
 
 
+def welch(a, b, alternative):
+    """Welch's t-test of mean(b) against mean(a) from (mean, std, n) of each; alternative 'less' asks
+    whether b's mean is below a's. Returns (t, p)."""
+    from scipy import stats
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if sa == sb == 0:
+        below, above = mb < ma, mb > ma
+        hit = {"less": below, "greater": above, "two-sided": below or above}[alternative]
+        return (math.copysign(math.inf, mb - ma) if mb != ma else math.nan), 0.0 if hit else 1.0
+    result = stats.ttest_ind_from_stats(mb, sb, nb, ma, sa, na, equal_var=False, alternative=alternative)
+    return float(result.statistic), float(result.pvalue)
+
+
+def target_p(mean, std, n, target, lower_is_better):
+    """The one-sided p of significance() from a mean and std over n runs."""
+    from scipy import stats
+    if std == 0:
+        return 0.0
+    t = (mean - target) / (std / math.sqrt(n))
+    return float(stats.t.cdf(t, n - 1) if lower_is_better else stats.t.sf(t, n - 1))
+
+
+def more_runs(p_after, limit=1000):
+    """The fewest more runs k with p_after(k) < ALPHA, if means and stds stay as measured; None past limit."""
+    return next((k for k in range(1, limit + 1) if p_after(k) < ALPHA), None)
+
+
+def more(n):
+    return f"{n} more run{'s' * (n != 1)}"
+
+
 def describe(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# ----------------------------------------------------------------------------- figures
+
+def decimals(values, target=None, least=4, most=12):
+    """Decimals enough that none of the values rounds onto or across the target."""
+    def side(v):
+        return (v > target) - (v < target)
+    for d in range(least, most):
+        if target is None or all(side(round(v, d)) == side(v) for v in values if math.isfinite(v)):
+            return d
+    return most
+
+
+def time_unit(seconds):
+    """One unit for a column of times: minutes from 10 minutes up, else seconds."""
+    return ("min", 60) if max(seconds, default=0) >= 600 else ("s", 1)
+
+
 def format_time(seconds):
-    return f"{seconds / 60:.2f} min" if seconds >= 600 else f"{seconds:.2f} s"
+    unit, scale = time_unit([seconds])
+    return f"{seconds / scale:.2f} {unit}"
 
 
 def result_name(track):
     return "test acc %" if track.metric == "test_acc" else "val loss"
 
 
-def summary_table(runs, track):
-    """The per-run table and the mean and std, as text."""
+def test_line(group, target=None):
+    """'one-sided t-test ...: t, p, verdict' for a group, or why there is none."""
+    track, target = target_of(group, target)
+    if len(group.runs) < 2:
+        return f"no t-test: {len(group.runs)} run"
+    t, p = significance(group.results, target, track.lower_is_better)
+    relation = "<=" if track.lower_is_better else ">="
+    verdict = "significant" if p < ALPHA else "not significant"
+    return f"one-sided t-test of mean {relation} {target:g}: t = {t:.3f}, p = {p:.3g} ({verdict} at p < {ALPHA})"
+
+
+def stats_line(group, target=None):
+    track, target = target_of(group, target)
+    (mean, std), (tmean, tstd) = describe(group.results), describe(group.times)
+    d = decimals([*group.results, mean], target)
+    unit, scale = time_unit(group.times)
+    return (f"n = {len(group.runs)}, mean {result_name(track)} {mean:.{d}f}, std {std:.{d}f}; "
+            f"mean train time {tmean / scale:.2f} {unit}, std {tstd / scale:.2f} {unit}")
+
+
+def summary_table(group, target=None):
+    """A group's block: what it is, the per-run table, the mean and std, and the t-test."""
+    track, target = target_of(group, target)
+    runs = group.runs
     steps = "epochs" if track.metric == "test_acc" else "steps"
+    (mean, std), (tmean, tstd) = describe(group.results), describe(group.times)
+    d = decimals([*group.results, mean], target)
+    unit, scale = time_unit(group.times)
     width = max(len(r.name) for r in runs) + 2
-    lines = [f"{'run':<{width}}{result_name(track):>10}{'train time':>13}{steps:>8}  seed"]
+    rw, tw = max(len(result_name(track)), d + 4) + 2, len(f"train time ({unit})") + 2
+    lines = [f"== {group.name}", group.describe(),
+             f"{'run':<{width}}{result_name(track):>{rw}}{f'train time ({unit})':>{tw}}{steps:>8}  seed"]
     for r in runs:
-        lines.append(f"{r.name:<{width}}{r.result:>10.4f}{format_time(r.time_s):>13}{r.steps:>8}  "
+        lines.append(f"{r.name:<{width}}{r.result:>{rw}.{d}f}{r.time_s / scale:>{tw}.2f}{r.steps:>8}  "
                      f"{'-' if r.seed is None else r.seed}")
-    (mean, std), (tmean, tstd) = describe([r.result for r in runs]), describe([r.time_s for r in runs])
-    lines.append(f"{f'mean of {len(runs)}':<{width}}{mean:>10.4f}{format_time(tmean):>13}")
+    lines.append(f"{f'mean of {len(runs)}':<{width}}{mean:>{rw}.{d}f}{tmean / scale:>{tw}.2f}")
     if len(runs) > 1:
-        lines.append(f"{'std':<{width}}{std:>10.4f}{format_time(tstd):>13}")
+        lines.append(f"{'std':<{width}}{std:>{rw}.{d}f}{tstd / scale:>{tw}.2f}")
+    lines.append(test_line(group, target))
     return "\n".join(lines)
 
 
-def significance_line(runs, track, target):
-    values = [r.result for r in runs]
-    t, p = significance(values, target, track.lower_is_better)
-    mean, std = describe(values)
+def significance_block(group, target=None):
+    return "\n".join([f"== {group.name}", group.describe(), stats_line(group, target), test_line(group, target)])
+
+
+# ----------------------------------------------------------------------------- compare
+
+def one_group(path, pool, say=warn):
+    groups = grouped([path], pool, say)
+    if len(groups) > 1:
+        raise RecordError(f"{path} holds {len(groups)} groups ({'; '.join(g.name for g in groups)}): "
+                          f"give one of their folders, or --pool")
+    return groups[0]
+
+
+def compare(a, b, target=None, say=print):
+    """Welch's t-tests of B against A on the result and on time, and whether B is faster at a result
+    that still meets the target. Returns True when it is, at p < ALPHA on both counts."""
+    if a.track != b.track and target is None:
+        raise RecordError(f"A is track {a.track} and B track {b.track}: give --target to compare them anyway")
+    track, target = target_of(b, target)
+    ra, rb = describe(a.results), describe(b.results)
+    ta, tb = describe(a.times), describe(b.times)
+    d = decimals([*a.results, *b.results, ra[0], rb[0]], target)
+    unit, scale = time_unit(a.times + b.times)
+    name = result_name(track)
+    rows = [("", "A", "B"), ("group", a.name, b.name), ("runs", len(a.runs), len(b.runs)),
+            (name, f"{ra[0]:.{d}f} ± {ra[1]:.{d}f}", f"{rb[0]:.{d}f} ± {rb[1]:.{d}f}"),
+            (f"train time ({unit})", f"{ta[0] / scale:.2f} ± {ta[1] / scale:.2f}",
+             f"{tb[0] / scale:.2f} ± {tb[1] / scale:.2f}"),
+            ("source", ", ".join(a.sources), ", ".join(b.sources)),
+            ("hardware", "; ".join(a.hardware), "; ".join(b.hardware))]
+    wa = max(len(str(r[1])) for r in rows) + 3
+    for label, x, y in rows:
+        say(f"{label:<18}{x!s:<{wa}}{y}")
+    if a.hardware != b.hardware:
+        say("warning: A and B ran on different hardware: their times do not compare")
+    if min(len(a.runs), len(b.runs)) < 2:
+        raise RecordError("a Welch t-test needs at least 2 runs on each side")
+    _, p_result = welch((*ra, len(a.runs)), (*rb, len(b.runs)), "two-sided")
+    say(f"{name}, B - A: {rb[0] - ra[0]:+.{d}f} (Welch's t-test, two-sided p = {p_result:.3g})")
+    t_time, p_time = welch((*ta, len(a.runs)), (*tb, len(b.runs)), "less")
+    say(f"train time, B - A: {(tb[0] - ta[0]) / scale:+.2f} {unit} ({(tb[0] - ta[0]) / ta[0]:+.1%}; Welch's t-test "
+        f"that B is faster: t = {t_time:.3f}, one-sided p = {p_time:.3g})")
+    _, p_target = significance(b.results, target, track.lower_is_better)
     relation = "<=" if track.lower_is_better else ">="
-    verdict = "significant" if p < ALPHA else "not significant"
-    return (f"{len(values)} runs: mean {track.metric} {mean:.4f}, std {std:.4f}; one-sided t-test of mean "
-            f"{relation} {target:g}: t = {t:.3f}, p = {p:.3g} ({verdict} at p < {ALPHA})")
+    say(f"B against the target: mean {name} {relation} {target:g}, one-sided p = {p_target:.3g}")
+    faster, meets = p_time < ALPHA, p_target < ALPHA
+    if faster and meets:
+        say(f"answer: yes. B is faster than A (p = {p_time:.3g}) at a {name} that meets {target:g} "
+            f"(p = {p_target:.3g}), both below {ALPHA}")
+        return True
+    reasons = []
+    if not faster:
+        if tb[0] >= ta[0]:
+            reasons.append("B is not faster on average: more runs will not make it so")
+        else:
+            k = more_runs(lambda k: welch((*ta, len(a.runs) + k), (*tb, len(b.runs) + k), "less")[1])
+            reasons.append(f"B is faster by {(ta[0] - tb[0]) / scale:.2f} {unit} on average, but p = {p_time:.3g} is not "
+                           f"below {ALPHA}: " + (f"about {more(k)} of each would settle it" if k else
+                                                 "more than 1000 more runs of each would be needed"))
+    if not meets:
+        if (rb[0] >= target) if track.lower_is_better else (rb[0] <= target):
+            reasons.append(f"B's mean {name} {rb[0]:.{d}f} misses {target:g}: more runs will not make it meet it")
+        else:
+            k = more_runs(lambda k: target_p(*rb, len(b.runs) + k, target, track.lower_is_better))
+            reasons.append(f"B's mean {name} meets {target:g} at p = {p_target:.3g}, not below {ALPHA}: "
+                           + (f"about {more(k)} of B would settle it" if k else
+                              "more than 1000 more runs of B would be needed"))
+    say("answer: " + ("not yet. " if all("settle" in r for r in reasons) else "no. ") + "; ".join(reasons))
+    return False
 
 
 # ----------------------------------------------------------------------------- plots
 
-def group_label(path):
-    path = Path(path).resolve()
-    name = path.parent.name if path.name == "log.txt" else path.name
-    return re.sub(r"^\d{4}-\d{2}-\d{2}_", "", name) if (path / "record.json").exists() else name
-
-
 def plot(groups, out, target=None):
-    """groups: [(label, runs)]. GPT runs: val loss against step and against train time. CIFAR
-    runs: train loss against epoch, and test accuracy against run time."""
+    fig = draw(groups, target)
+    fig.savefig(out, dpi=120)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def draw(groups, target=None):
+    """The figure: one colour per group, each run a thin line; GPT runs: val loss against step and
+    against train time, y framed by the curves' second half; CIFAR runs: train loss against epoch, and
+    test accuracy against run time. The target line of each track (or the one given)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kind = {r.kind for _, runs in groups for r in runs}
+    kind = {r.kind for g in groups for r in g.runs}
     if len(kind) > 1:
         raise RecordError("cannot draw GPT and CIFAR runs on the same axes")
     cifar = kind == {"cifar"}
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 5))
-    colormaps = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys"]
-    all_runs = [r for _, runs in groups for r in runs]
-    minutes = max(r.time_s for r in all_runs) >= 600
-    for g, (label, runs) in enumerate(groups):
-        cmap = plt.get_cmap(colormaps[g % len(colormaps)])
-        for i, r in enumerate(runs):
-            color = cmap(0.45 + 0.5 * i / max(len(runs) - 1, 1))
-            if len(groups) == 1:  # one record: tell its runs apart; several: tell the records apart
-                name = f"{label}: " + (f"seed {r.seed}" if r.seed is not None else r.name)
-            else:
-                name = f"{label} ({len(runs)} runs)" if i == 0 else None
-            xs = [c[0] for c in r.curve]
-            ys = [c[2] for c in r.curve]
-            by_step.plot(xs, ys, color=color, lw=1.2, label=name, marker="." if len(xs) < 30 else None)
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 5.2))
+    colors = plt.get_cmap("tab10").colors
+    all_runs = [r for g in groups for r in g.runs]
+    unit, scale = time_unit([r.time_s for r in all_runs])
+    lw, alpha = (1.4, 0.9) if len(all_runs) <= 3 else (0.7, 0.55)
+    for g, group in enumerate(groups):
+        color = colors[g % len(colors)]
+        label = f"{group.name} ({len(group.runs)} run{'s' * (len(group.runs) > 1)})"
+        for i, r in enumerate(group.runs):
+            xs, ys = [c[0] for c in r.curve], [c[2] for c in r.curve]
+            by_step.plot(xs, ys, color=color, lw=lw, alpha=alpha, label=label if i == 0 else None,
+                         marker="." if len(xs) < 30 else None, ms=3)
             if cifar:
-                by_time.scatter([r.time_s], [r.result], color=color, label=name)
+                by_time.scatter([r.time_s / scale], [r.result], color=color, s=12, label=label if i == 0 else None)
             else:
-                by_time.plot([c[1] / (60 if minutes else 1) for c in r.curve], ys, color=color, lw=1.2,
-                             label=name)
-    unit = "min" if minutes else "s"
+                by_time.plot([c[1] / scale for c in r.curve], ys, color=color, lw=lw, alpha=alpha,
+                             label=label if i == 0 else None)
+    targets = {}  # target value -> label
+    for group in groups:
+        if target is not None or group.track in TRACKS:
+            value = target_of(group, target)[1]
+            targets.setdefault(value, f"target {value:g}{'%' if cifar else ''}" + (
+                "" if target is not None else f" ({group.track})"))
+    # the first evaluations sit far above the rest: frame the curves' second half and the targets
+    tail = [c[2] for r in all_runs for c in r.curve if c[0] >= r.curve[-1][0] / 2 and math.isfinite(c[2])]
+    low, high = min(tail + list(targets)), max(tail + list(targets))
+    pad = 0.08 * (high - low or abs(high) or 1)
     if cifar:
         by_step.set(xlabel="epoch", ylabel="train loss (label-smoothed)", title="train loss by epoch")
+        by_step.set_ylim(low - pad, high + pad)
         by_time.set(xlabel=f"run time ({unit})", ylabel="test accuracy (%)", title="accuracy and time per run")
-        if target is not None:
-            by_time.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}%")
+        for value, label in targets.items():
+            by_time.axhline(value, color="k", ls="--", lw=0.8, label=label)
     else:
         by_step.set(xlabel="step", ylabel="val loss", title="val loss by step")
         by_time.set(xlabel=f"train time ({unit}, excluding validation)", ylabel="val loss",
                     title="val loss by train time")
-        finals = [r.result for r in all_runs]
-        # the first evaluations sit far above the rest; frame the approach to the target
-        top = sorted(c[2] for r in all_runs for c in r.curve)[int(0.9 * sum(len(r.curve) for r in all_runs))]
-        bottom = min(finals + ([target] if target else []))
         for ax in (by_step, by_time):
-            if target is not None:
-                ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}")
-            ax.set_ylim(bottom - 0.05 * (top - bottom), top)
+            for (value, label), style in zip(targets.items(), ["--", ":", "-."] * 3):
+                ax.axhline(value, color="k", ls=style, lw=0.8, label=label)
+            ax.set_ylim(low - pad, high + pad)
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
-    by_time.legend(fontsize=7, ncol=1 + len(all_runs) // 12)
+    by_time.legend(fontsize=8, loc="upper right", framealpha=0.9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------- submit
@@ -293,20 +568,22 @@ def trainer_command(run, track):
 def record_readme(name, date, track_name, track, description, runs, t, p, target):
     mean, std = describe([r.result for r in runs])
     tmean, tstd = describe([r.time_s for r in runs])
+    d = decimals([*(r.result for r in runs), mean], target)
+    unit, scale = time_unit([r.time_s for r in runs])
     first = runs[0]
     hardware = sorted({r.log.hardware for r in runs})
     software = sorted({r.log.software for r in runs})
     relation = "≤" if track.lower_is_better else "≥"
-    rows = "\n".join(f"| {r.name} | {'-' if r.seed is None else r.seed} | {r.result:.4f} | {format_time(r.time_s)} | "
+    rows = "\n".join(f"| {r.name} | {'-' if r.seed is None else r.seed} | {r.result:.{d}f} | {r.time_s / scale:.2f} | "
                      f"{r.steps} | [log]({r.log.path.name}) |" for r in runs)
     return f"""# {name} ({track_name} track, {date})
 
 {description}
 
-| | {result_name(track)} | train time |
+| | {result_name(track)} | train time ({unit}) |
 |---|---|---|
-| mean over {len(runs)} runs | **{mean:.4f}** | **{format_time(tmean)}** |
-| std | {std:.4f} | {format_time(tstd)} |
+| mean over {len(runs)} runs | **{mean:.{d}f}** | **{tmean / scale:.2f}** |
+| std | {std:.{d}f} | {tstd / scale:.2f} |
 
 One-sided t-test that the mean {track.metric} is {relation} {target:g}: t = {t:.3f}, p = {p:.3g}
 ({len(runs) - 1} degrees of freedom).
@@ -317,7 +594,7 @@ Hardware: {"; ".join(hardware)}. Software: {"; ".join(software)}.
 
 ## Runs
 
-| run | seed | {result_name(track)} | train time | {"epochs" if track.metric == "test_acc" else "steps"} | log |
+| run | seed | {result_name(track)} | train time ({unit}) | {"epochs" if track.metric == "test_acc" else "steps"} | log |
 |---|---|---|---|---|---|
 {rows}
 
@@ -358,7 +635,7 @@ def submit(paths, track_name, name, description, date=None, records=RECORDS, rea
                 raise RecordError(f"two logs are both named {log.run_id}: rename one")
             shutil.copyfile(log.path, copy)
         runs = load_runs([directory])  # from here on, the copies are what the record says
-        plot([(name, runs)], directory / "curves.png", target)
+        plot([Group(name, runs, track_name, "submitted")], directory / "curves.png", target)
         (directory / "README.md").write_text(
             record_readme(name, date, track_name, track, description, runs, t, p, target))
         (directory / "record.json").write_text(json.dumps(
@@ -395,12 +672,14 @@ def track_table(records, track_name, readme_dir):
                         len(runs), meta, meta_path.parent))
     if not entries:
         return "No record measured in this repository yet."
-    lines = [f"| # | train time | {result_name(track)} | runs | description | date | record |",
+    unit, scale = time_unit([e[0] for e in entries])
+    d = decimals([e[1] for e in entries], track.target)
+    lines = [f"| # | train time ({unit}) | {result_name(track)} | runs | description | date | record |",
              "|---|---|---|---|---|---|---|"]
     for rank, (seconds, result, n, meta, directory) in enumerate(sorted(entries, key=lambda e: e[0]), 1):
         link = Path(os.path.relpath(directory, readme_dir)).as_posix()
         description = meta["description"].splitlines()[0].replace("|", "\\|")
-        lines.append(f"| {rank} | {format_time(seconds)} | {result:.4f} | {n} | {description} "
+        lines.append(f"| {rank} | {seconds / scale:.2f} | {result:.{d}f} | {n} | {description} "
                      f"| {meta['date']} | [{meta['name']}]({link}/) |")
     return "\n".join(lines)
 
@@ -437,46 +716,46 @@ def reproduce_command(run, source_file, log_dir):
     return [sys.executable, *cmd]
 
 
-def reproduce(record, n_runs=1, out=ROOT / "logs" / "reproduce", say=print):
-    """Rerun the first n_runs runs (seeds) of a record from the source in its logs, compare the
-    results with the record's, and return the new runs."""
-    record = Path(record)
-    runs = load_runs([record])
+def reproduce(path, n_runs=1, out=ROOT / "logs" / "reproduce", say=print, dry_run=False):
+    """Rerun a record, or any group of logged runs, from the source in its logs. Our logs rerun their
+    first n_runs seeds with the logged config and compare the results with the logged ones; a public log
+    is rerun as its author ran it, by torchrun on as many GPUs. Returns the new runs."""
+    path = Path(path)
+    groups = group_runs(load_runs([path], strict=False, say=say))
+    if len(groups) > 1:
+        raise RecordError(f"{path} holds {len(groups)} groups ({'; '.join(g.name for g in groups)}): "
+                          f"reproduce one of their folders or logs")
+    runs = groups[0].runs
+    if not all(r.log.config for r in runs):
+        return reproduce_public(runs[0], say=say, dry_run=dry_run)
     track = one_track(runs)
     if not 1 <= n_runs <= len(runs):
         raise RecordError(f"--runs must lie in [1, {len(runs)}], the record's runs")
-    if not all(r.log.config for r in runs):
-        raise RecordError(f"{record}: these logs carry no config (the public format): rerun them by hand")
     device = str(runs[0].log.config.get("device", "cpu"))
     env = dict(os.environ)
     if device.startswith("cuda"):
         import torch
         needed = runs[0].log.config.get("world_size", 1)
-        if torch.cuda.device_count() < needed:
-            raise RecordError(f"{record} ran on {runs[0].log.hardware} with {needed} process(es); this machine "
+        if torch.cuda.device_count() < needed and not dry_run:
+            raise RecordError(f"{path} ran on {runs[0].log.hardware} with {needed} process(es); this machine "
                               f"has {torch.cuda.device_count()} GPU(s)")
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU record reruns on the CPU, even where there are GPUs
-    log_dir = Path(out) / record.name
+    log_dir = Path(out) / path.name
     new_runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs[:n_runs]:
-            try:
-                files = source_files(run.log.source, track.trainer)
-            except ValueError as e:
-                raise RecordError(f"{run.log.path}: {e}") from None
-            for name, text in files.items():  # the trainer and the files it ran, such as kernels.py
-                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-                (Path(tmp) / name).write_text(text + "\n")
-            source_file = Path(tmp) / track.trainer
-            cmd = reproduce_command(run, source_file, log_dir)
+            write_source(run, track.trainer, Path(tmp))
+            cmd = reproduce_command(run, Path(tmp) / track.trainer, log_dir)
             say(f"reproducing {run.name} (seed {run.seed}): {shlex.join(cmd)}")
+            if dry_run:
+                continue
             result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
             try:
                 if result.returncode:
                     raise ValueError(f"exit status {result.returncode}")
                 new = load_runs([ROOT / printed_log_path(result.stdout)])
-            except ValueError as e:
+            except (ValueError, RecordError) as e:
                 raise RecordError(f"the rerun of {run.name} failed ({e}):\n"
                                   f"{(result.stderr or result.stdout)[-3000:]}") from None
             if new[0].log.source != run.log.source:
@@ -486,6 +765,8 @@ def reproduce(record, n_runs=1, out=ROOT / "logs" / "reproduce", say=print):
                 same = "identical" if r.result == run.result else f"recorded {run.result:.4f}"
                 say(f"  {track.metric} {r.result:.4f} ({same}), train time {format_time(r.time_s)} "
                     f"(recorded {format_time(run.time_s)}); log {r.log.path}")
+    if dry_run:
+        return []
     mean, std = describe([r.result for r in runs])
     new_mean = statistics.mean(r.result for r in new_runs)
     gap = new_mean - mean
@@ -499,49 +780,105 @@ def reproduce(record, n_runs=1, out=ROOT / "logs" / "reproduce", say=print):
     return new_runs
 
 
+def write_source(run, trainer, folder):
+    """Write the files a log's source section holds into folder."""
+    try:
+        files = source_files(run.log.source, trainer)
+    except ValueError as e:
+        raise RecordError(f"{run.log.path}: {e}") from None
+    for name, text in files.items():  # the trainer and the files it ran, such as kernels.py
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text + "\n")
+
+
+DATA_PATTERN = re.compile(r"""["']([^"'\n]*fineweb[^"'\n]*\.bin)["']""")
+
+
+def reproduce_public(run, say=print, dry_run=False):
+    """Write a public log's source to a temporary folder and run it with torchrun on the logged number of
+    GPUs, from the repository root, where data/fineweb10B/ is. On a machine with fewer GPUs, or with
+    dry_run, it only prints what it would run."""
+    import torch
+    trainer = "train_gpt_medium.py" if track_of(run) == "medium" else "train_gpt.py"
+    folder = Path(tempfile.mkdtemp(prefix="reproduce-"))
+    (folder / trainer).write_text(run.log.source + "\n")
+    n = run.log.processes
+    cmd = ["torchrun", "--standalone", f"--nproc_per_node={n}", str(folder / trainer)]
+    logged, here = run.log.torch_version, torch.__version__
+    gpus = torch.cuda.device_count()
+    say(f"log:     {run.log.path}")
+    say(f"logged:  torch {logged or 'unknown'} on {run.log.hardware}, {n} process(es)")
+    say(f"here:    torch {here} with {gpus} GPU(s)")
+    if logged is None or logged.split("+")[0] != here.split("+")[0]:
+        say(f"warning: the log ran on torch {logged or '(not logged)'}, this machine has {here}: public records "
+            f"often ran on nightlies that no longer install, and their code may need that build")
+    patterns = sorted(set(DATA_PATTERN.findall(run.log.source)))
+    if patterns:
+        say(f"data:    the source reads {', '.join(patterns)}, relative to {ROOT}; fetch the shards with "
+            f"`python data/cached_fineweb10B.py N` (N train shards of 100M tokens: as many as the run reads)")
+    say(f"source:  {folder / trainer}")
+    say(f"command: cd {shlex.quote(str(ROOT))} && {shlex.join(cmd)}")
+    if dry_run:
+        return []
+    if gpus < n:
+        raise RecordError(f"the log ran {n} process(es) on {run.log.hardware}; this machine has {gpus} GPU(s): "
+                          f"run the command above on one with {n}")
+    missing = [p for p in patterns if "/" in p and not list(ROOT.glob(p))]
+    if missing:
+        raise RecordError(f"no file matches {', '.join(missing)} under {ROOT}: fetch the data first")
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode:
+        raise RecordError(f"the rerun exited with status {result.returncode}")
+    return []
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tools.records", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("summarize", help="a table of the runs: result, train time, steps; mean and std")
-    p.add_argument("paths", nargs="+")
-    p = sub.add_parser("significance", help="one-sided t-test of the mean against the track's target")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--target", type=float, help="default: 3.28 (gpt), 1.88 (cpu), 94 (cifar, accuracy in %%)")
-    p = sub.add_parser("plot", help="curves of every run; one colour per argument")
+    target_help = "default: the track's (gpt 3.28, medium 2.92, cpu 1.88, cifar 94 as accuracy in %%)"
+    for command, text in (("summarize", "per group: a table of the runs, mean, std and t-test"),
+                          ("significance", "per group: one-sided t-test of the mean against the target")):
+        p = sub.add_parser(command, help=text)
+        p.add_argument("paths", nargs="+")
+        p.add_argument("--target", type=float, help=target_help)
+        p.add_argument("--pool", action="store_true", help="treat all runs as one group, even if they differ")
+    p = sub.add_parser("compare", help="is B faster than A at a result that still meets the target?")
+    p.add_argument("a", help="log or folder of one group (the baseline)")
+    p.add_argument("b", help="log or folder of one group (the candidate)")
+    p.add_argument("--target", type=float, help=target_help)
+    p.add_argument("--pool", action="store_true", help="pool the groups of each side")
+    p = sub.add_parser("plot", help="curves of every run; one colour per group")
     p.add_argument("paths", nargs="+")
     p.add_argument("-o", "--out", type=Path, default=Path("curves.png"))
-    p.add_argument("--target", type=float)
+    p.add_argument("--target", type=float, help=target_help)
     p = sub.add_parser("submit", help="make records/<track>/<date>_<name>/ from the logs of finished runs")
     p.add_argument("paths", nargs="+")
     p.add_argument("--track", choices=sorted(TRACKS), required=True)
     p.add_argument("--name", required=True, help="short, in CamelCase: MuonWarmup")
     p.add_argument("--description", required=True, help="what changed, in one line")
-    p = sub.add_parser("reproduce", help="rerun a record from the source in its logs and compare")
+    p = sub.add_parser("reproduce", help="rerun a record or a public log from the source in its logs")
     p.add_argument("record", type=Path)
-    p.add_argument("--runs", type=int, default=1, help="how many of the record's runs (seeds) to rerun")
+    p.add_argument("--runs", type=int, default=1, help="how many of our record's runs (seeds) to rerun")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, and run nothing")
     sub.add_parser("table", help="rewrite the record tables in README.md from records/")
     args = parser.parse_args(argv)
     try:
-        if args.command == "summarize":
-            runs = load_runs(args.paths, strict=False)
-            print(summary_table(runs, one_track(runs)))
-        elif args.command == "significance":
-            runs = load_runs(args.paths, strict=False)
-            track = one_track(runs)
-            print(significance_line(runs, track, track.target if args.target is None else args.target))
+        if args.command in ("summarize", "significance"):
+            block = summary_table if args.command == "summarize" else significance_block
+            print("\n\n".join(block(g, args.target) for g in grouped(args.paths, args.pool)))
+        elif args.command == "compare":
+            compare(one_group(args.a, args.pool), one_group(args.b, args.pool), args.target)
         elif args.command == "plot":
-            groups = [(group_label(p), load_runs([p], strict=False)) for p in args.paths]
-            track = one_track([r for _, runs in groups for r in runs])
-            plot(groups, args.out, track.target if args.target is None else args.target)
+            plot(grouped(args.paths), args.out, args.target)
             print(f"wrote {args.out}")
         elif args.command == "submit":
             directory = submit(args.paths, args.track, args.name, args.description)
             print(f"wrote {directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory}; "
                   f"README.md's {args.track} table updated")
         elif args.command == "reproduce":
-            reproduce(args.record, args.runs)
+            reproduce(args.record, args.runs, dry_run=args.dry_run)
         elif args.command == "table":
             update_tables()
             print("README.md tables updated")
