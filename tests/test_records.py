@@ -273,6 +273,19 @@ def test_groups_split_source_hardware_and_track(tmp_path, capsys, monkeypatch):
     assert "stopped.txt: the last val_loss is at step 1000 of 1875: the run did not finish" in err
 
 
+def test_our_runs_group_by_config_too(tiny_logs, tmp_path):
+    """Our trainer runs one source with many configs: runs of another config are another group, named apart."""
+    other = tmp_path / "logs" / "wider" / "log.txt"
+    other.parent.mkdir(parents=True)
+    other.write_text(tiny_logs[1].read_text().replace('"model_dim": 32', '"model_dim": 48'))
+    for log in tiny_logs:
+        shutil.copytree(log.parent, tmp_path / "logs" / log.parent.name)
+    groups = records.group_runs(records.load_runs([tmp_path / "logs"]))
+    assert sorted(len(g.runs) for g in groups) == [1, 3]
+    assert len({g.sources[0].split()[0] for g in groups}) == 1  # one source, two configs
+    assert all(g.name.startswith(f"{tmp_path}/logs [source ") and " config " in g.name for g in groups)
+
+
 def test_pooling_takes_a_flag_and_warns(tmp_path, capsys):
     root = public_folder(tmp_path / "r")
     shutil.rmtree(root / "medium")

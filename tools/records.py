@@ -16,6 +16,7 @@ records/<track>/<YYYY-MM-DD>_<Name>/: the run logs as the trainer wrote them (so
 README.md, curves.png and record.json; the tables of the top-level README.md are made from them.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -133,6 +134,26 @@ def track_of(run):
     return infer_track(run)[0]
 
 
+VARYING = {"seed", "log_dir", "data_dir", "argv", "save_every"}  # what may differ between the runs of one record
+
+
+def comparable_config(run):
+    """What must be equal across a record's runs, flat: the logged header and config without seed,
+    log dir and paths."""
+    header = run.log.config
+    return {**{k: v for k, v in header.items() if k not in VARYING | {"runs", "config"}},
+            **{f"config.{k}": v for k, v in header.get("config", {}).items() if k not in VARYING}}
+
+
+def version(run):
+    """What must be equal for runs to compare, besides hardware and track: the source's digest, and for our
+    logs, which run one source with many configs, also a digest of the config without seed and paths."""
+    if not run.log.config:
+        return run.log.digest
+    config = json.dumps(comparable_config(run), sort_keys=True, default=str)
+    return f"{run.log.digest} config {hashlib.sha256(config.encode()).hexdigest()[:8]}"
+
+
 @dataclass
 class Group:
     """Runs that compare: one source, one hardware, one track."""
@@ -151,7 +172,7 @@ class Group:
 
     @property
     def sources(self):
-        return sorted({r.log.digest or "not logged" for r in self.runs})
+        return sorted({version(r) or "not logged" for r in self.runs})
 
     @property
     def hardware(self):
@@ -159,7 +180,9 @@ class Group:
 
     def describe(self):
         track = f"track {self.track}" if self.track else "track unknown"
-        return (f"source {', '.join(self.sources)} · {'; '.join(self.hardware)} · {len(self.runs)} "
+        source = ("source not logged: its folder stands for one version of the code" if self.sources == ["not logged"]
+                  else f"source {', '.join(self.sources)}")
+        return (f"{source} · {'; '.join(self.hardware)} · {len(self.runs)} "
                 f"run{'s' * (len(self.runs) > 1)} · {track} ({self.how})")
 
 
@@ -183,7 +206,7 @@ def group_runs(runs):
     keyed = {}
     for r in runs:
         track, how = infer_track(r)
-        source = r.log.digest or f"not logged ({shown(folder_of(r))})"  # without a source, a folder is one code
+        source = version(r) or f"not logged ({shown(folder_of(r))})"  # without a source, a folder is one code
         keyed.setdefault((source, r.log.hardware, track), (how, []))[1].append(r)
     folders = {key: Path(os.path.commonpath([str(folder_of(r)) for r in group])) for key, (_, group) in keyed.items()}
     groups = []
@@ -202,7 +225,7 @@ def pooled(groups, say=warn):
         return groups[0]
     runs = [r for g in groups for r in g.runs]
     differ = [f"{what} ({'; '.join(values)})" for what, values in (
-        ("source", sorted({r.log.digest or "not logged" for r in runs})), ("hardware", sorted({r.log.hardware for r in runs})),
+        ("source", sorted({version(r) or "not logged" for r in runs})), ("hardware", sorted({r.log.hardware for r in runs})),
         ("track", sorted({str(g.track) for g in groups}))) if len(values) > 1]
     say(f"warning: pooling {len(groups)} groups ({', '.join(g.name for g in groups)}) that differ in "
         f"{' and '.join(differ)}: one mean and one test over runs that do not compare")
@@ -492,6 +515,10 @@ def draw(groups, target=None):
             for (value, label), style in zip(targets.items(), ["--", ":", "-."] * 3):
                 ax.axhline(value, color="k", ls=style, lw=0.8, label=label)
             ax.set_ylim(low - pad, high + pad)
+        # and the same second half along x, where runs that differ come apart
+        halves = [next(c for c in r.curve if c[0] >= r.curve[-1][0] / 2) for r in all_runs]
+        by_step.set_xlim(min(h[0] for h in halves), 1.02 * max(r.curve[-1][0] for r in all_runs))
+        by_time.set_xlim(min(h[1] for h in halves) / scale, 1.02 * max(r.time_s for r in all_runs) / scale)
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
     by_time.legend(fontsize=8, loc="upper right", framealpha=0.9)
@@ -502,17 +529,6 @@ def draw(groups, target=None):
 # ----------------------------------------------------------------------------- submit
 
 RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-VARYING = {"seed", "log_dir", "data_dir", "argv", "save_every"}  # what may differ between the runs of one record
-
-
-def comparable_config(run):
-    """What must be equal across a record's runs, flat: the logged header and config without seed,
-    log dir and paths."""
-    header = run.log.config
-    return {**{k: v for k, v in header.items() if k not in VARYING | {"runs", "config"}},
-            **{f"config.{k}": v for k, v in header.get("config", {}).items() if k not in VARYING}}
-
-
 def check_record(runs, track, target):
     """Refuse what cannot be a record: mixed sources or configs, repeated seeds, a missed target."""
     sources = {r.log.source for r in runs}
