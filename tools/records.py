@@ -193,11 +193,10 @@ def folder_of(run):
 
 
 def shown(path):
-    """A path as the user would type it: relative to the working directory when under it."""
-    try:
-        return Path(path).relative_to(Path.cwd()).as_posix() or "."
-    except ValueError:
-        return Path(path).as_posix()
+    """A path as the user would type it: relative to the working directory when that is at most two
+    levels up (../modded-nanogpt/records/...), else absolute."""
+    relative = Path(os.path.relpath(path))
+    return (relative if relative.parts[:3] != ("..",) * 3 else Path(path)).as_posix()
 
 
 def group_runs(runs):
@@ -474,18 +473,23 @@ def draw(groups, target=None):
     if len(kind) > 1:
         raise RecordError("cannot draw GPT and CIFAR runs on the same axes")
     cifar = kind == {"cifar"}
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 5.6))
     colors = plt.get_cmap("tab10").colors
     all_runs = [r for g in groups for r in g.runs]
     unit, scale = time_unit([r.time_s for r in all_runs])
     lw, alpha = (1.4, 0.9) if len(all_runs) <= 3 else (0.7, 0.55)
+    folders = [g.name.split(" [")[0] for g in groups]  # the path the groups share goes in the title, once
+    common = os.path.commonpath(folders) if len(groups) > 1 and len({f.startswith("/") for f in folders}) == 1 else ""
+    names = [g.name if not common else (os.path.relpath(f, common) + g.name[len(f):]) for f, g in zip(folders, groups)]
+    if common:
+        fig.suptitle(f"under {common}/", fontsize=9)
     for g, group in enumerate(groups):
         color = colors[g % len(colors)]
-        label = f"{group.name} ({len(group.runs)} run{'s' * (len(group.runs) > 1)})"
+        label = f"{names[g]} ({len(group.runs)} run{'s' * (len(group.runs) > 1)})"
         for i, r in enumerate(group.runs):
             xs, ys = [c[0] for c in r.curve], [c[2] for c in r.curve]
             by_step.plot(xs, ys, color=color, lw=lw, alpha=alpha, label=label if i == 0 else None,
-                         marker="." if len(xs) < 30 else None, ms=3)
+                         marker="." if len(xs) < 30 and len(all_runs) <= 3 else None, ms=3)
             if cifar:
                 by_time.scatter([r.time_s / scale], [r.result], color=color, s=12, label=label if i == 0 else None)
             else:
@@ -521,8 +525,12 @@ def draw(groups, target=None):
         by_time.set_xlim(min(h[1] for h in halves) / scale, 1.02 * max(r.time_s for r in all_runs) / scale)
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
-    by_time.legend(fontsize=8, loc="upper right", framealpha=0.9)
-    fig.tight_layout()
+    # one legend under both panels, where it covers no curve however many groups there are
+    handles, labels = by_time.get_legend_handles_labels()
+    columns = 1 if max(map(len, labels)) > 70 else 2 if max(map(len, labels)) > 40 else 3
+    rows = -(-len(labels) // columns)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.045 * rows, 1, 1))
     return fig
 
 
@@ -807,7 +815,18 @@ def write_source(run, trainer, folder):
         (folder / name).write_text(text + "\n")
 
 
+IMPORT = re.compile(r"^(?:from|import)\s+([\w.]+)", re.MULTILINE)  # top-level imports of a logged source
 DATA_PATTERN = re.compile(r"""["']([^"'\n]*fineweb[^"'\n]*\.bin)["']""")
+
+
+def missing_modules(names, folder):
+    """Which of these modules the rerun could not import: looked up as a script in folder sees them, not
+    with this repository on the path (its kernels.py is not the kernels package some public trainers use)."""
+    check = "import importlib.util, sys; print(' '.join(n for n in sys.argv[1:] if importlib.util.find_spec(n) is None))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", check, *names], cwd=folder, env=env, capture_output=True,
+                            text=True, check=False)
+    return result.stdout.split()
 
 
 def reproduce_public(run, say=print, dry_run=False):
@@ -815,6 +834,8 @@ def reproduce_public(run, say=print, dry_run=False):
     GPUs, from the repository root, where data/fineweb10B/ is. On a machine with fewer GPUs, or with
     dry_run, it only prints what it would run."""
     import torch
+    if not run.log.source:
+        raise RecordError(f"{run.log.path} holds no source (a console capture): there is nothing to rerun")
     trainer = "train_gpt_medium.py" if track_of(run) == "medium" else "train_gpt.py"
     folder = Path(tempfile.mkdtemp(prefix="reproduce-"))
     (folder / trainer).write_text(run.log.source + "\n")
@@ -832,6 +853,10 @@ def reproduce_public(run, say=print, dry_run=False):
     if patterns:
         say(f"data:    the source reads {', '.join(patterns)}, relative to {ROOT}; fetch the shards with "
             f"`python data/cached_fineweb10B.py N` (N train shards of 100M tokens: as many as the run reads)")
+    packages = sorted({name.split(".")[0] for name in IMPORT.findall(run.log.source)} - set(sys.stdlib_module_names))
+    if packages:
+        missing = missing_modules(packages, folder)
+        say(f"imports: {', '.join(packages)}" + (f"; not installed here: {', '.join(missing)}" if missing else ""))
     say(f"source:  {folder / trainer}")
     say(f"command: cd {shlex.quote(str(ROOT))} && {shlex.join(cmd)}")
     if dry_run:
