@@ -567,13 +567,28 @@ def test_reproduce_a_public_log(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--nproc_per_node=1 " in out and "train_gpt_medium.py" in out and "warning" not in out
 
+    # the packages a trainer imports, and which of them the rerun could not import, this repository's
+    # kernels.py included: the public trainers' `kernels` is another package
+    needy = public_log(tmp_path / "n" / "x.txt", source="import numpy\nfrom kernels import get_kernel\n"
+                       "import no_such_module_here.sub\n" + public_source())
+    assert records.main(["reproduce", str(needy), "--dry-run"]) == 0
+    imports = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("imports:"))
+    assert imports == "imports: kernels, no_such_module_here, numpy, torch; not installed here: kernels, no_such_module_here"
+
+    capture = tmp_path / "c" / "run.log"
+    capture.parent.mkdir()
+    capture.write_text("step:0/10 val_loss:10.8 train_time:0ms step_avg:nanms\n"
+                       "step:10/10 val_loss:3.27 train_time:1000ms step_avg:100.00ms\n")
+    assert records.main(["reproduce", str(capture), "--dry-run"]) == 1
+    assert "holds no source (a console capture): there is nothing to rerun" in capsys.readouterr().err
+
     if torch.cuda.device_count() < 8:
         assert records.main(["reproduce", str(log)]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: the log ran 8 process(es) on 8x NVIDIA H100 80GB HBM3; this machine has "
                               f"{torch.cuda.device_count()} GPU(s)")
     assert records.main(["reproduce", str(tmp_path)]) == 1
-    assert "holds 2 groups" in capsys.readouterr().err
+    assert "holds 4 groups" in capsys.readouterr().err
 
 
 def test_reproduce_dry_run_of_our_record_runs_nothing(tiny_logs, tmp_path, readme, capsys):

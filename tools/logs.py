@@ -6,9 +6,12 @@ step lines such as
     step:125/1875 val_loss:4.4043 train_time:14281ms step_avg:114.25ms
     step:14/1875 train_loss:6.3346 train_time:602ms step_avg:43.00ms
     step:14/1875 train_time:602ms step_avg:43.00ms      (public train lines from 2025 on)
+    step:125/3148 val_loss:4.54643 train_time:125.376s step_avg:1003.01ms    (public optimization track)
 and CIFAR logs hold several runs each, as
     run:2/5 epoch:8/8 train_loss:0.9981 train_acc:0.9733
     run:2/5 test_acc:0.9412 time:3.021s
+Some public records keep console captures instead (.log files: torchrun's output with the step lines,
+no source and no separators); they are read too, as runs without a source.
 Our logs also carry a JSON section with the full config. When a trainer runs code from other files of
 this repository (train_gpt.py's kernels.py and sampling.py), its source section holds each of them after
 the trainer's own source, opened by a line of 100 '-' and "file: NAME".

@@ -405,7 +405,9 @@ def compare(a, b, target=None, say=print):
     d = decimals([*a.results, *b.results, ra[0], rb[0]], target)
     unit, scale = time_unit(a.times + b.times)
     name = result_name(track)
-    rows = [("", "A", "B"), ("group", a.name, b.name), ("runs", len(a.runs), len(b.runs)),
+    say(f"A: {a.name}")
+    say(f"B: {b.name}")
+    rows = [("", "A", "B"), ("runs", len(a.runs), len(b.runs)),
             (name, f"{ra[0]:.{d}f} ± {ra[1]:.{d}f}", f"{rb[0]:.{d}f} ± {rb[1]:.{d}f}"),
             (f"train time ({unit})", f"{ta[0] / scale:.2f} ± {ta[1] / scale:.2f}",
              f"{tb[0] / scale:.2f} ± {tb[1] / scale:.2f}"),
