@@ -137,10 +137,11 @@ def test_public_formats_of_later_years(tmp_path):
                                                 source=public_source(width=1024, layers=16))))
     assert run.log.hardware == "1x NVIDIA H100 80GB HBM3" and run.log.processes == 1
     assert len(run.log.train) == 1875 and math.isnan(run.log.train[0].loss) and records.track_of(run) == "medium"
-    optimization = write_log(tmp_path / "seed1.txt", public_source(), [
-        "Running PyTorch 2.7.0+cu128 compiled for CUDA 12.8\nRunning on device_name=NVIDIA A800-SXM4-80GB with "
-        "world_size=1", "step:0/3148 val_loss:10.82581 train_time:0.000s step_avg:nanms\n"
-        "step:3148/3148 val_loss:3.27951 train_time:3148.500s step_avg:1000.16ms"])
+    versions = ("Running PyTorch 2.7.0+cu128 compiled for CUDA 12.8\n"
+                "Running on device_name=NVIDIA A800-SXM4-80GB with world_size=1")
+    steps = ("step:0/3148 val_loss:10.82581 train_time:0.000s step_avg:nanms\n"
+             "step:3148/3148 val_loss:3.27951 train_time:3148.500s step_avg:1000.16ms")
+    optimization = write_log(tmp_path / "seed1.txt", public_source(), [versions, steps])
     (run,) = runs_from_log(parse_log(optimization))
     assert (run.result, run.time_s, run.log.hardware) == (3.27951, 3148.5, "1x NVIDIA A800-SXM4-80GB")
     assert run.log.torch_version == "2.7.0+cu128"
@@ -264,7 +265,7 @@ def test_groups_split_source_hardware_and_track(tmp_path, capsys, monkeypatch):
     medium = next(b for b in blocks if "medium" in b.splitlines()[0])
     finals = [2.916, 2.917]
     p = stats.ttest_1samp(finals, 2.92, alternative="less").pvalue
-    assert f"one-sided t-test of mean <= 2.92: t = " in medium and f"p = {p:.3g}" in medium
+    assert "one-sided t-test of mean <= 2.92: t = " in medium and f"p = {p:.3g}" in medium
     assert "track medium (model_dim 1024 in its source)" in medium
     for line in err.splitlines():  # one line for each file that holds no finished run, and nothing else
         assert line.startswith("skipped ")
@@ -284,6 +285,19 @@ def test_our_runs_group_by_config_too(tiny_logs, tmp_path):
     assert sorted(len(g.runs) for g in groups) == [1, 3]
     assert len({g.sources[0].split()[0] for g in groups}) == 1  # one source, two configs
     assert all(g.name.startswith(f"{records.shown(tmp_path / 'logs')} [source ") and " config " in g.name for g in groups)
+
+
+def test_a_group_of_unknown_track_needs_a_target(tmp_path, capsys):
+    public_log(tmp_path / "wide" / "a.txt", source=public_source(width=1280), final=3.1)
+    public_log(tmp_path / "wide" / "b.txt", source=public_source(width=1280), final=3.2)
+    assert records.main(["significance", str(tmp_path / "wide")]) == 0
+    out = capsys.readouterr().out
+    assert "track unknown (model_dim 1280 in its source, and no folder named for a track)" in out
+    assert out.rstrip().endswith("no t-test: the track is unknown (model_dim 1280 in its source, and no folder "
+                                 "named for a track); give --target")
+    assert records.main(["significance", str(tmp_path / "wide"), "--target", "3.3"]) == 0
+    p = stats.ttest_1samp([3.1, 3.2], 3.3, alternative="less").pvalue
+    assert f"p = {p:.3g}" in capsys.readouterr().out
 
 
 def test_pooling_takes_a_flag_and_warns(tmp_path, capsys):
