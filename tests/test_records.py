@@ -605,6 +605,21 @@ def test_reproduce_a_public_log(tmp_path, capsys):
     assert "holds 4 groups" in capsys.readouterr().err
 
 
+def test_reproduce_runs_a_public_log_where_there_are_enough_gpus(tmp_path, capfd, monkeypatch):
+    """The rerun itself, by real torchrun: a stand-in trainer that logged 2 busy GPUs reruns as 2 processes, on a
+    machine that says it has 2 GPUs."""
+    source = ("import os\n# model_dim=768\nprint(f\"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} "
+              "in {os.getcwd()}\", flush=True)")
+    log = public_log(tmp_path / "x.txt", source=source, busy=2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert records.main(["reproduce", str(log)]) == 0
+    out = capfd.readouterr().out
+    assert f"rank 0 of 2 in {records.ROOT}" in out and f"rank 1 of 2 in {records.ROOT}" in out
+    failing = public_log(tmp_path / "y.txt", source="# model_dim=768\nraise SystemExit(3)", busy=1)
+    assert records.main(["reproduce", str(failing)]) == 1
+    assert "error: the rerun exited with status" in capfd.readouterr().err
+
+
 def test_reproduce_dry_run_of_our_record_runs_nothing(tiny_logs, tmp_path, readme, capsys):
     directory = records.submit(tiny_logs, "cpu", "Tiny", "tiny", records=tmp_path / "records", readme=readme,
                                target=5.0)

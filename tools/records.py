@@ -161,6 +161,7 @@ class Group:
     runs: list
     track: str  # a key of TRACKS, or None when it could not be told
     how: str  # how the track was told
+    sources: list  # version() of its runs; "not logged (FOLDER)" for console captures
 
     @property
     def results(self):
@@ -171,17 +172,17 @@ class Group:
         return [r.time_s for r in self.runs]
 
     @property
-    def sources(self):
-        return sorted({version(r) or "not logged" for r in self.runs})
-
-    @property
     def hardware(self):
         return sorted({r.log.hardware for r in self.runs})
 
+    @property
+    def source(self):
+        return ", ".join(dict.fromkeys(s.split(" (")[0] for s in self.sources))
+
     def describe(self):
         track = f"track {self.track}" if self.track else "track unknown"
-        source = ("source not logged: its folder stands for one version of the code" if self.sources == ["not logged"]
-                  else f"source {', '.join(self.sources)}")
+        source = ("source not logged: its folder stands for one version of the code" if self.source == "not logged"
+                  else f"source {self.source}")
         return (f"{source} · {'; '.join(self.hardware)} · {len(self.runs)} "
                 f"run{'s' * (len(self.runs) > 1)} · {track} ({self.how})")
 
@@ -205,7 +206,7 @@ def group_runs(runs):
     keyed = {}
     for r in runs:
         track, how = infer_track(r)
-        source = version(r) or f"not logged ({shown(folder_of(r))})"  # without a source, a folder is one code
+        source = version(r) or f"not logged ({shown(folder_of(r))})"  # without a source, its folder is one
         keyed.setdefault((source, r.log.hardware, track), (how, []))[1].append(r)
     folders = {key: Path(os.path.commonpath([str(folder_of(r)) for r in group])) for key, (_, group) in keyed.items()}
     groups = []
@@ -214,7 +215,7 @@ def group_runs(runs):
         rivals = [k for k in keyed if k != key and folders[k] == folders[key]]
         tags = [f"{label} {mine}" for i, label in enumerate(("source", "on", "track"))
                 for mine in [key[i]] if any(k[i] != mine for k in rivals)]
-        groups.append(Group(f"{name} [{', '.join(tags)}]" if tags else name, group, key[2], how))
+        groups.append(Group(f"{name} [{', '.join(tags)}]" if tags else name, group, key[2], how, [key[0]]))
     return groups
 
 
@@ -223,14 +224,15 @@ def pooled(groups, say=warn):
     if len(groups) == 1:
         return groups[0]
     runs = [r for g in groups for r in g.runs]
+    sources = sorted({s for g in groups for s in g.sources})
     differ = [f"{what} ({'; '.join(values)})" for what, values in (
-        ("source", sorted({version(r) or "not logged" for r in runs})), ("hardware", sorted({r.log.hardware for r in runs})),
+        ("source", sources), ("hardware", sorted({r.log.hardware for r in runs})),
         ("track", sorted({str(g.track) for g in groups}))) if len(values) > 1]
     say(f"warning: pooling {len(groups)} groups ({', '.join(g.name for g in groups)}) that differ in "
         f"{' and '.join(differ)}: one mean and one test over runs that do not compare")
     tracks = {g.track for g in groups}
     return Group(f"pooled: {', '.join(g.name for g in groups)}", runs, tracks.pop() if len(tracks) == 1 else None,
-                 "pooled")
+                 "pooled", sources)
 
 
 def grouped(paths, pool=False, say=warn):
@@ -414,7 +416,7 @@ def compare(a, b, target=None, say=print):
             (name, f"{ra[0]:.{d}f} ± {ra[1]:.{d}f}", f"{rb[0]:.{d}f} ± {rb[1]:.{d}f}"),
             (f"train time ({unit})", f"{ta[0] / scale:.2f} ± {ta[1] / scale:.2f}",
              f"{tb[0] / scale:.2f} ± {tb[1] / scale:.2f}"),
-            ("source", ", ".join(a.sources), ", ".join(b.sources)),
+            ("source", a.source, b.source),
             ("hardware", "; ".join(a.hardware), "; ".join(b.hardware))]
     wa = max(len(str(r[1])) for r in rows) + 3
     for label, x, y in rows:
@@ -436,24 +438,25 @@ def compare(a, b, target=None, say=print):
         say(f"answer: yes. B is faster than A (p = {p_time:.3g}) at a {name} that meets {target:g} "
             f"(p = {p_target:.3g}), both below {ALPHA}")
         return True
-    reasons = []
+    reasons = []  # (why not, whether more runs would settle it)
     if not faster:
         if tb[0] >= ta[0]:
-            reasons.append("B is not faster on average: more runs will not make it so")
+            reasons.append(("B is not faster on average: more runs will not make it so", False))
         else:
             k = more_runs(lambda k: welch((*ta, len(a.runs) + k), (*tb, len(b.runs) + k), "less")[1])
-            reasons.append(f"B is faster by {(ta[0] - tb[0]) / scale:.2f} {unit} on average, but p = {p_time:.3g} is not "
-                           f"below {ALPHA}: " + (f"about {more(k)} of each would settle it" if k else
-                                                 "more than 1000 more runs of each would be needed"))
+            reasons.append((f"B is faster by {(ta[0] - tb[0]) / scale:.2f} {unit} on average, but p = {p_time:.3g} is "
+                            f"not below {ALPHA}: " + (f"about {more(k)} of each would settle it" if k else
+                                                      "not even 1000 more runs of each would settle it"), bool(k)))
     if not meets:
         if (rb[0] >= target) if track.lower_is_better else (rb[0] <= target):
-            reasons.append(f"B's mean {name} {rb[0]:.{d}f} misses {target:g}: more runs will not make it meet it")
+            reasons.append((f"B's mean {name} {rb[0]:.{d}f} misses {target:g}: more runs will not make it meet it",
+                            False))
         else:
             k = more_runs(lambda k: target_p(*rb, len(b.runs) + k, target, track.lower_is_better))
-            reasons.append(f"B's mean {name} meets {target:g} at p = {p_target:.3g}, not below {ALPHA}: "
-                           + (f"about {more(k)} of B would settle it" if k else
-                              "more than 1000 more runs of B would be needed"))
-    say("answer: " + ("not yet. " if all("settle" in r for r in reasons) else "no. ") + "; ".join(reasons))
+            reasons.append((f"B's mean {name} meets {target:g} at p = {p_target:.3g}, not below {ALPHA}: "
+                            + (f"about {more(k)} of B would settle it" if k else
+                               "not even 1000 more runs of B would settle it"), bool(k)))
+    say(f"answer: {'not yet' if all(s for _, s in reasons) else 'no'}. " + "; ".join(r for r, _ in reasons))
     return False
 
 
@@ -664,7 +667,7 @@ def submit(paths, track_name, name, description, date=None, records=RECORDS, rea
                 raise RecordError(f"two logs are both named {log.run_id}: rename one")
             shutil.copyfile(log.path, copy)
         runs = load_runs([directory])  # from here on, the copies are what the record says
-        plot([Group(name, runs, track_name, "submitted")], directory / "curves.png", target)
+        plot([Group(name, runs, track_name, "submitted", [version(runs[0])])], directory / "curves.png", target)
         (directory / "README.md").write_text(
             record_readme(name, date, track_name, track, description, runs, t, p, target))
         (directory / "record.json").write_text(json.dumps(
@@ -872,7 +875,7 @@ def reproduce_public(run, say=print, dry_run=False):
     missing = [p for p in patterns if "/" in p and not list(ROOT.glob(p))]
     if missing:
         raise RecordError(f"no file matches {', '.join(missing)} under {ROOT}: fetch the data first")
-    result = subprocess.run(cmd, cwd=ROOT, check=False)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], cwd=ROOT, check=False)
     if result.returncode:
         raise RecordError(f"the rerun exited with status {result.returncode}")
     return []
