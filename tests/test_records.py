@@ -227,7 +227,7 @@ def test_summarize_and_significance_commands(tiny_logs, capsys):
 
 def public_folder(root, rng=None):
     """A public record folder as the speedrun keeps them: baseline/ and this_pr/ of different code on 8 GPUs,
-    this_pr's code again on 1 GPU, a GPT-2 Medium run pair, llm.c's main.log, a console capture (.log), a
+    this_pr's code again on 1 GPU, a GPT-2 Medium run pair, two console captures (.log), llm.c's main.log, a
     run that did not finish, and a stray binary file."""
     rng = rng or np.random.default_rng(0)
     base, new = public_source(tag="baseline"), public_source(tag="this_pr")
@@ -239,6 +239,12 @@ def public_folder(root, rng=None):
                    ms_per_step=700)
         public_log(root / "medium" / f"m{i}.txt", final=2.9160 + 0.001 * i, source=public_source(1024, 16),
                    ms_per_step=220)
+    for i in range(2):  # console captures: torchrun's output, step lines, no source
+        (root / "captures" / f"run{i}.log").parent.mkdir(parents=True, exist_ok=True)
+        (root / "captures" / f"run{i}.log").write_text(
+            "[Gloo] Rank 3 is connected to 7 peer ranks. Expected number of connected peer ranks is : 7\n"
+            "step:0/1490 val_loss:10.8284 train_time:0ms step_avg:0.03ms\n"
+            f"step:1490/1490 val_loss:{3.2786 - i / 1000:.4f} train_time:{85600 + i}ms step_avg:57.45ms\n")
     (root / "medium" / "main.log").write_text("".join(f"s:{s} tel:{4 - s / 1e5:.4f}\n" for s in range(0, 60001, 250)))
     public_log(root / "this_pr" / "stopped.txt", last_step=1000, source=new)
     (root / "junk.txt").write_bytes(bytes(range(256)) * 4)
@@ -250,18 +256,21 @@ def test_groups_split_source_hardware_and_track(tmp_path, capsys, monkeypatch):
     root = public_folder(tmp_path / "2026-01-01_Record")
     groups = records.group_runs(records.load_runs([root], strict=False))
     names = {g.name: g for g in groups}
-    assert sorted(names) == ["2026-01-01_Record/baseline", "2026-01-01_Record/medium",
+    assert sorted(names) == ["2026-01-01_Record/baseline", "2026-01-01_Record/captures", "2026-01-01_Record/medium",
                              "2026-01-01_Record/this_pr [on 1x NVIDIA H100 80GB HBM3]",
                              "2026-01-01_Record/this_pr [on 8x NVIDIA H100 80GB HBM3]"]
-    assert sorted(len(g.runs) for g in groups) == [2, 2, 4, 4]
+    assert sorted(len(g.runs) for g in groups) == [2, 2, 2, 4, 4]
     assert names["2026-01-01_Record/medium"].track == "medium"
-    assert {g.track for g in groups} == {"gpt", "medium"}
+    captures = names["2026-01-01_Record/captures"]
+    assert captures.hardware == ["8 processes, device not logged"] and captures.results == [3.2786, 3.2776]
+    assert captures.describe().startswith("source not logged: its folder stands for one version of the code")
+    assert {g.track for g in groups} == {"gpt", "medium", None}  # a capture's folder must name its track
     capsys.readouterr()
 
     assert records.main(["significance", str(root)]) == 0
     out, err = capsys.readouterr()
     blocks = out.split("\n\n")
-    assert len(blocks) == 4 and all(b.startswith("== 2026-01-01_Record/") for b in blocks)
+    assert len(blocks) == 5 and all(b.startswith("== 2026-01-01_Record/") for b in blocks)
     medium = next(b for b in blocks if "medium" in b.splitlines()[0])
     finals = [2.916, 2.917]
     p = stats.ttest_1samp(finals, 2.92, alternative="less").pvalue
@@ -298,17 +307,23 @@ def test_a_group_of_unknown_track_needs_a_target(tmp_path, capsys):
     assert records.main(["significance", str(tmp_path / "wide"), "--target", "3.3"]) == 0
     p = stats.ttest_1samp([3.1, 3.2], 3.3, alternative="less").pvalue
     assert f"p = {p:.3g}" in capsys.readouterr().out
+    # the val tokens: the tracks' 10,485,760 however written, and anything else is no track of ours
+    for line, track in (("val_tokens = 20 * 524288", "gpt"), ("    val_tokens: int = 10485760 # fixed", "gpt"),
+                        ("val_tokens = 5 * 524288", None)):
+        (run,) = records.load_runs([public_log(tmp_path / "v.txt", source=f"{line}\n{public_source()}")])
+        assert records.track_of(run) == track, line
 
 
 def test_pooling_takes_a_flag_and_warns(tmp_path, capsys):
     root = public_folder(tmp_path / "r")
     shutil.rmtree(root / "medium")
+    shutil.move(root / "captures", root / "this_pr" / "track_1_short")  # a capture's folder names its track
     assert records.main(["significance", str(root), "--pool"]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("== pooled: ") and "n = 10" in out
+    assert out.startswith("== pooled: ") and "n = 12" in out and "p = " in out
     warning = next(line for line in err.splitlines() if line.startswith("warning:"))
-    assert "pooling 3 groups" in warning and "differ in source (" in warning and "hardware (" in warning
-    assert "1x NVIDIA H100 80GB HBM3; 8x NVIDIA H100 80GB HBM3" in warning
+    assert "pooling 4 groups" in warning and "not logged (" in warning and "differ in source (" in warning and "hardware (" in warning
+    assert "hardware (1x NVIDIA H100 80GB HBM3; 8 processes, device not logged; 8x NVIDIA H100 80GB HBM3)" in warning
 
 
 def test_no_input_gives_a_traceback(tmp_path, capsys, tiny_logs):

@@ -103,11 +103,14 @@ def load_runs(paths, strict=True, say=warn):
 # ----------------------------------------------------------------------------- tracks and groups
 
 MODEL_WIDTH = re.compile(r"\b(?:model_dim|n_embd)\s*(?::\s*int\s*)?=\s*(\d+)")
+VAL_TOKENS = re.compile(r"\bval_tokens\s*(?::\s*int\s*)?=\s*(\d[\d_]*(?:\s*\*\s*\d[\d_]*)*)")  # 10485760, 20 * 524288
+TRACK_VAL_TOKENS = 10_485_760  # both FineWeb tracks measure the first 10,485,760 val tokens
 
 
 def infer_track(run):
-    """(track name or None, how it was told). Our logs say what they trained; a public log's track
-    follows the model width in its source (768: 124M, 1024: Medium), else a folder name."""
+    """(track name or None, how it was told). Our logs say what they trained. A public log's track follows
+    the model width in its source (768: 124M, 1024: Medium), else a folder name; a source that measures
+    other val tokens than the tracks do is on no track."""
     if run.kind == "cifar":
         return "cifar", "a CIFAR-10 log"
     config = run.log.config.get("config")
@@ -117,6 +120,9 @@ def infer_track(run):
         widths = {config.get("model_dim")}
         how = f"its config's model_dim {config.get('model_dim')}"
     else:
+        counts = {math.prod(int(f) for f in v.split("*")) for v in VAL_TOKENS.findall(run.log.source)}
+        if counts and counts != {TRACK_VAL_TOKENS}:
+            return None, f"val_tokens {' or '.join(map(str, sorted(counts)))} in its source, not the tracks' {TRACK_VAL_TOKENS}"
         widths = {int(w) for w in MODEL_WIDTH.findall(run.log.source)}
         how = f"model_dim {' or '.join(map(str, sorted(widths)))} in its source"
     if len(widths) == 1 and widths <= WIDTH_TRACKS.keys():
