@@ -263,7 +263,7 @@ def test_groups_split_source_hardware_and_track(tmp_path, capsys, monkeypatch):
     assert names["2026-01-01_Record/medium"].track == "medium"
     captures = names["2026-01-01_Record/captures"]
     assert captures.hardware == ["8 processes, device not logged"] and captures.results == [3.2786, 3.2776]
-    assert captures.describe().startswith("source not logged: its folder stands for one version of the code")
+    assert captures.about().startswith("source not logged: its folder stands for one version of the code")
     assert {g.track for g in groups} == {"gpt", "medium", None}  # a capture's folder must name its track
     capsys.readouterr()
 
@@ -301,9 +301,9 @@ def test_a_group_of_unknown_track_needs_a_target(tmp_path, capsys):
     public_log(tmp_path / "wide" / "b.txt", source=public_source(width=1280), final=3.2)
     assert records.main(["significance", str(tmp_path / "wide")]) == 0
     out = capsys.readouterr().out
-    assert "track unknown (model_dim 1280 in its source, and no folder named for a track)" in out
-    assert out.rstrip().endswith("no t-test: the track is unknown (model_dim 1280 in its source, and no folder "
-                                 "named for a track); give --target")
+    assert "track unknown (model_dim 1280 in its source: no track of that width)" in out
+    assert out.rstrip().endswith("no t-test: the track is unknown (model_dim 1280 in its source: no track of that "
+                                 "width); give --target")
     assert records.main(["significance", str(tmp_path / "wide"), "--target", "3.3"]) == 0
     p = stats.ttest_1samp([3.1, 3.2], 3.3, alternative="less").pvalue
     assert f"p = {p:.3g}" in capsys.readouterr().out
@@ -346,6 +346,62 @@ def test_no_input_gives_a_traceback(tmp_path, capsys, tiny_logs):
             err = capsys.readouterr().err.splitlines()
             assert err[-1].startswith("error: ") and reason in err[-1], (command, name, err)
             assert not any("Traceback" in line for line in err)
+
+
+def test_odd_logs_are_read_or_named(tmp_path, capsys, monkeypatch):
+    """A diverged run, an unparsable number, a log with Windows line ends, a copy of a log, a folder name that
+    merely contains a track's name, and a figure that cannot be written."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "odd"
+    good = public_log(root / "good.txt", source=public_source(), final=3.27)
+    public_log(root / "good2.txt", source=public_source(), final=3.275)
+    diverged = public_log(root / "diverged.txt", source=public_source())
+    diverged.write_text(diverged.read_text().replace("step:1875/1875 val_loss:3.2533", "step:1875/1875 val_loss:nan"))
+    shutil.copyfile(good, root / "copy.txt")
+    bad_number = cifar_log(root / "cifar.txt")
+    bad_number.write_text(bad_number.read_text().replace("test_acc:0.9420", "test_acc:0.94x0"))
+    assert records.main(["summarize", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "n = 2" not in out and "mean of 2" in out
+    assert "diverged.txt: the final result is nan: the run diverged" in err
+    assert "good.txt: the same bytes as" in err and "cifar.txt: could not convert string to float: '0.94x0'" in err
+    windows = tmp_path / "crlf.txt"
+    windows.write_bytes(good.read_bytes().replace(b"\n", b"\r\n"))
+    (run,) = records.load_runs([windows])
+    assert run.log.source == public_source() and run.result == 3.27
+    (tmp_path / "my-cifar-notes").mkdir()
+    shutil.copyfile(good, tmp_path / "my-cifar-notes" / "x.txt")
+    assert records.track_of(records.load_runs([tmp_path / "my-cifar-notes"])[0]) == "gpt"
+    assert records.main(["plot", str(root), "-o", str(tmp_path / "no" / "such" / "dir.png")]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and "dir.png: cannot write the figure: " in last
+
+
+def test_review_cases_of_compare_pool_and_reproduce(tmp_path, capsys, monkeypatch):
+    a, b = two_groups(tmp_path / "hw", (3.279, 0.001), (3.276, 0.001), 100, 90)
+    for log in (tmp_path / "hw" / "b").glob("*.txt"):  # B on other GPUs
+        log.write_text(log.read_text().replace("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"))
+    b = records.one_group(tmp_path / "hw" / "b", False)
+    said = []
+    assert records.compare(a, b, say=said.append) is False
+    assert said[-1] == ("answer: no comparison of speed: A ran on 8x NVIDIA H100 80GB HBM3, B on 8x NVIDIA "
+                        "A100-SXM4-80GB")
+    mixed = tmp_path / "mixed"
+    public_log(mixed / "gpt" / "a.txt", source=public_source())
+    (mixed / "cifar").mkdir()
+    cifar_log(mixed / "cifar" / "c.txt")
+    assert records.main(["significance", str(mixed), "--pool"]) == 1
+    assert "GPT and CIFAR runs do not pool" in capsys.readouterr().err
+    odd = public_log(tmp_path / "o" / "x.txt", source="from . import helpers\nx = '/abs/fineweb_train_*.bin'\n"
+                     + public_source())
+    assert records.main(["reproduce", str(odd), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "imports: torch" in out and "/abs/fineweb_train_*.bin" in out
+    assert records.main(["reproduce", str(odd), "--runs", "2"]) == 1
+    assert "a public log reruns once" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert records.main(["reproduce", str(odd)]) == 1
+    assert "no file matches /abs/fineweb_train_*.bin" in capsys.readouterr().err
 
 
 def test_figures_never_round_onto_the_target(tmp_path, capsys):
@@ -405,11 +461,11 @@ def test_compare_says_how_many_runs_would_settle_it(tmp_path):
     runs = [int(m) for m in re.findall(r"about (\d+) more runs?", answer)]
     assert len(runs) == 2
     # the estimate is the least k for which the measured means and stds would give p < 0.01
-    (ma, sa), (mb, sb), n = records.describe(a.times), records.describe(b.times), len(a.runs)
+    (ma, sa), (mb, sb), n = records.mean_std(a.times), records.mean_std(b.times), len(a.runs)
     def p_time(k):
         return stats.ttest_ind_from_stats(mb, sb, n + k, ma, sa, n + k, equal_var=False, alternative="less").pvalue
     assert p_time(runs[0]) < 0.01 <= p_time(runs[0] - 1)
-    (mr, sr) = records.describe(b.results)
+    (mr, sr) = records.mean_std(b.results)
     def p_loss(k):
         return stats.t.cdf((mr - 3.28) / (sr / math.sqrt(n + k)), n + k - 1)
     assert p_loss(runs[1]) < 0.01 <= p_loss(runs[1] - 1)
@@ -444,13 +500,14 @@ def test_plot_stays_readable_with_many_runs(tmp_path):
     """40 runs in 3 groups of two tracks: one legend entry per group, thin lines in the group's colour, y framed
     by the curves' second half (not step 0's 10.8), and each track's target line."""
     rng = np.random.default_rng(0)
-    for i in range(16):
-        public_log(tmp_path / "a" / f"{i}.txt", final=3.279 + rng.normal(0, 0.002), source=public_source(tag="a"))
+    for i in range(16):  # each run its own time: two equal logs would be one run
+        public_log(tmp_path / "a" / f"{i}.txt", final=3.279 + rng.normal(0, 0.002), source=public_source(tag="a"),
+                   ms_per_step=160 + i / 10)
         public_log(tmp_path / "b" / f"{i}.txt", final=3.276 + rng.normal(0, 0.002), source=public_source(tag="b"),
-                   ms_per_step=150)
+                   ms_per_step=150 + i / 10)
     for i in range(8):
         public_log(tmp_path / "m" / f"{i}.txt", final=2.918 + rng.normal(0, 0.002), source=public_source(1024, 16),
-                   ms_per_step=400)
+                   ms_per_step=400 + i / 10)
     groups = records.group_runs(records.load_runs([tmp_path]))
     assert sorted(len(g.runs) for g in groups) == [8, 16, 16]
     fig = records.draw(groups)
@@ -480,7 +537,7 @@ def test_submit_writes_the_record(tiny_logs, tmp_path, readme):
         assert (directory / f"{log.parent.name}.txt").read_bytes() == log.read_bytes()
     assert (directory / "curves.png").read_bytes()[:4] == b"\x89PNG"
     runs = records.load_runs([directory])
-    mean, std = records.describe([r.result for r in runs])
+    mean, std = records.mean_std([r.result for r in runs])
     t, p = records.significance([r.result for r in runs], 5.0)
     text = (directory / "README.md").read_text()
     assert f"**{mean:.4f}**" in text and f"| std | {std:.4f} |" in text and f"p = {p:.3g}" in text
@@ -513,6 +570,9 @@ def test_submit_refuses_what_is_no_record(tiny_logs, tmp_path, readme):
     again = tmp_path / "again" / "log.txt"  # the same run under another name
     again.parent.mkdir()
     shutil.copyfile(tiny_logs[0], again)
+    with pytest.raises(records.RecordError, match=r"again/log\.txt is a copy of .*: a run counts once"):
+        records.submit([*tiny_logs, again], "cpu", "Copied", "x", target=5.0, **kwargs)
+    again.write_text(again.read_text() + "\n")  # the same seed in a log that differs
     seed = records.load_runs([again])[0].seed
     with pytest.raises(records.RecordError, match=f"seed {seed} appears in more than one run"):
         records.submit([*tiny_logs, again], "cpu", "Twice", "x", target=5.0, **kwargs)

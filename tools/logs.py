@@ -20,6 +20,7 @@ Every reason a file cannot be read is a LogError naming the file, in one line.
 """
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +186,7 @@ def read_text(path):
     if b"\0" in data[:1 << 20]:
         raise NotALog(f"{path}: binary data, not a text log")
     try:
-        return data.decode()
+        return data.decode().replace("\r\n", "\n")  # a log saved on Windows is the same log
     except UnicodeDecodeError as e:
         raise NotALog(f"{path}: byte {e.start} is not UTF-8: not a text log") from None
 
@@ -233,7 +234,21 @@ class Run:
 
 
 def runs_from_log(log):
-    """The finished runs of a log; LogError, naming the file, for a run that did not finish."""
+    """The finished runs of a log; LogError, naming the file, for a run that did not finish or whose
+    result is not a number."""
+    try:
+        runs = finished_runs(log)
+    except LogError:
+        raise
+    except ValueError as e:  # a number that does not parse, in a line of the right shape
+        raise LogError(f"{log.path}: {e}") from None
+    for run in runs:
+        if not math.isfinite(run.result):
+            raise LogError(f"{log.path}: the final result is {run.result}: the run diverged")
+    return runs
+
+
+def finished_runs(log):
     lines = [line.strip() for section in log.sections for line in section.splitlines()]
     tests = [m.groups() for m in map(TEST_LINE.fullmatch, lines) if m]
     if tests:

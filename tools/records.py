@@ -16,6 +16,7 @@ records/<track>/<YYYY-MM-DD>_<Name>/: the run logs as the trainer wrote them (so
 README.md, curves.png and record.json; the tables of the top-level README.md are made from them.
 """
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -40,7 +41,6 @@ LOG_SUFFIXES = (".txt", ".log")
 
 @dataclass(frozen=True)
 class Track:
-    title: str
     metric: str  # what a run's result is
     target: float
     lower_is_better: bool
@@ -48,13 +48,14 @@ class Track:
 
 
 TRACKS = {
-    "gpt": Track("GPT-2 (124M) on FineWeb, 8x H100", "val_loss", 3.28, True, "train_gpt.py"),
-    "medium": Track("GPT-2 Medium (350M) on FineWeb, 8x H100", "val_loss", 2.92, True, "train_gpt.py"),
-    "cifar": Track("CIFAR-10 to 94% on one GPU", "test_acc", 94.0, False, "train_cifar.py"),
-    "cpu": Track("tiny Shakespeare on the 2-core CPU", "val_loss", 1.88, True, "train_gpt.py"),
+    "gpt": Track("val_loss", 3.28, True, "train_gpt.py"),  # GPT-2 (124M) on FineWeb, 8x H100
+    "medium": Track("val_loss", 2.92, True, "train_gpt.py"),  # GPT-2 Medium (350M) on FineWeb, 8x H100
+    "cifar": Track("test_acc", 94.0, False, "train_cifar.py"),  # CIFAR-10 to 94% on one GPU
+    "cpu": Track("val_loss", 1.88, True, "train_gpt.py"),  # tiny Shakespeare on the 2-core CPU
 }
 WIDTH_TRACKS = {768: "gpt", 1024: "medium"}  # GPT-2's 124M and Medium models, by width
-FOLDER_TRACKS = {"medium": "medium", "track_1_short": "gpt", "cifar": "cifar"}  # the public folders' names
+FOLDER_TRACKS = {re.compile(r"track_1_short"): "gpt",  # the public repository's folders: its tracks
+                 re.compile(r"track_2_medium|gpt-?2[_-]?medium", re.IGNORECASE): "medium"}  # and 011825_GPT2Medium
 ALPHA = 0.01  # records claim their target with p below this
 
 
@@ -82,13 +83,20 @@ def load_runs(paths, strict=True, say=warn):
     """The finished runs in these logs and directories, each log once. A file named on the command line
     that holds no finished run is an error. In a directory, a file that is no training log is skipped with
     its reason, in one line, and so is an unfinished log unless strict."""
-    runs, seen = [], set()
+    runs, seen, contents = [], set(), {}
     for path in paths:
         for file in find_logs(path):
             if file.resolve() in seen:
                 continue
             seen.add(file.resolve())
             try:
+                digest = hashlib.sha256(file.read_bytes()).hexdigest()
+                if digest in contents:  # a copy is the same run again, not another one
+                    if strict:
+                        raise RecordError(f"{file} is a copy of {contents[digest]}: a run counts once")
+                    say(f"skipped {file}: the same bytes as {contents[digest]}")
+                    continue
+                contents[digest] = file
                 runs += runs_from_log(parse_log(file))
             except (LogError, OSError) as e:
                 if file == Path(path) or (strict and not isinstance(e, NotALog)):
@@ -114,26 +122,25 @@ def infer_track(run):
     if run.kind == "cifar":
         return "cifar", "a CIFAR-10 log"
     config = run.log.config.get("config")
-    if config:
-        if "shakespeare" in config.get("val_files", ""):  # the data, not the preset's name
+    if config:  # ours: the data, not the preset's name, then the width; other widths train on FineWeb too
+        if "shakespeare" in config.get("val_files", ""):
             return "cpu", "trained on tiny Shakespeare"
-        widths = {config.get("model_dim")}
-        how = f"its config's model_dim {config.get('model_dim')}"
-    else:
-        counts = {math.prod(int(f) for f in v.split("*")) for v in VAL_TOKENS.findall(run.log.source)}
-        if counts and counts != {TRACK_VAL_TOKENS}:
-            return None, f"val_tokens {' or '.join(map(str, sorted(counts)))} in its source, not the tracks' {TRACK_VAL_TOKENS}"
-        widths = {int(w) for w in MODEL_WIDTH.findall(run.log.source)}
-        how = f"model_dim {' or '.join(map(str, sorted(widths)))} in its source"
+        width = config.get("model_dim")
+        return WIDTH_TRACKS.get(width, "gpt"), f"its config: FineWeb, model_dim {width}"
+    counts = {math.prod(int(f) for f in v.split("*")) for v in VAL_TOKENS.findall(run.log.source)}
+    if counts and counts != {TRACK_VAL_TOKENS}:
+        return None, f"val_tokens {' or '.join(map(str, sorted(counts)))} in its source, not the tracks' {TRACK_VAL_TOKENS}"
+    widths = {int(w) for w in MODEL_WIDTH.findall(run.log.source)}
+    how = f"model_dim {' or '.join(map(str, sorted(widths)))} in its source"
     if len(widths) == 1 and widths <= WIDTH_TRACKS.keys():
         return WIDTH_TRACKS[widths.pop()], how
+    if widths:
+        return None, f"{how}: no track of that width"
     for folder in reversed(run.log.path.resolve().parent.parts):
-        for word, name in FOLDER_TRACKS.items():
-            if word in folder.lower():
+        for pattern, name in FOLDER_TRACKS.items():
+            if pattern.search(folder):
                 return name, f"the folder name {folder}"
-    if not widths:
-        how = "no model width in its source"
-    return None, f"{how}, and no folder named for a track"
+    return None, "no model width in its source and no folder named for a track"
 
 
 def track_of(run):
@@ -151,7 +158,7 @@ def comparable_config(run):
             **{f"config.{k}": v for k, v in header.get("config", {}).items() if k not in VARYING}}
 
 
-def version(run):
+def code_key(run):
     """What must be equal for runs to compare, besides hardware and track: the source's digest, and for our
     logs, which run one source with many configs, also a digest of the config without seed and paths."""
     if not run.log.config:
@@ -167,7 +174,7 @@ class Group:
     runs: list
     track: str  # a key of TRACKS, or None when it could not be told
     how: str  # how the track was told
-    sources: list  # version() of its runs; "not logged (FOLDER)" for console captures
+    sources: list  # code_key() of its runs; "not logged (FOLDER)" for console captures
 
     @property
     def results(self):
@@ -185,7 +192,7 @@ class Group:
     def source(self):
         return ", ".join(dict.fromkeys(s.split(" (")[0] for s in self.sources))
 
-    def describe(self):
+    def about(self):
         track = f"track {self.track}" if self.track else "track unknown"
         source = ("source not logged: its folder stands for one version of the code" if self.source == "not logged"
                   else f"source {self.source}")
@@ -212,7 +219,7 @@ def group_runs(runs):
     keyed = {}
     for r in runs:
         track, how = infer_track(r)
-        source = version(r) or f"not logged ({shown(folder_of(r))})"  # without a source, its folder is one
+        source = code_key(r) or f"not logged ({shown(folder_of(r))})"  # without a source, its folder is one
         keyed.setdefault((source, r.log.hardware, track), (how, []))[1].append(r)
     folders = {key: Path(os.path.commonpath([str(folder_of(r)) for r in group])) for key, (_, group) in keyed.items()}
     groups = []
@@ -230,15 +237,17 @@ def pooled(groups, say=warn):
     if len(groups) == 1:
         return groups[0]
     runs = [r for g in groups for r in g.runs]
+    if len({r.kind for r in runs}) > 1:
+        raise RecordError("GPT and CIFAR runs do not pool: their results are a loss and an accuracy")
     sources = sorted({s for g in groups for s in g.sources})
     differ = [f"{what} ({'; '.join(values)})" for what, values in (
         ("source", sources), ("hardware", sorted({r.log.hardware for r in runs})),
         ("track", sorted({str(g.track) for g in groups}))) if len(values) > 1]
     say(f"warning: pooling {len(groups)} groups ({', '.join(g.name for g in groups)}) that differ in "
         f"{' and '.join(differ)}: one mean and one test over runs that do not compare")
-    tracks = {g.track for g in groups}
-    return Group(f"pooled: {', '.join(g.name for g in groups)}", runs, tracks.pop() if len(tracks) == 1 else None,
-                 "pooled", sources)
+    tracks = sorted({str(g.track) for g in groups})
+    return Group(f"pooled: {', '.join(g.name for g in groups)}", runs, groups[0].track if len(tracks) == 1 else None,
+                 f"pooled over track{'s' * (len(tracks) > 1)} {' and '.join(tracks)}", sources)
 
 
 def grouped(paths, pool=False, say=warn):
@@ -301,21 +310,21 @@ def target_p(mean, std, n, target, lower_is_better):
     """The one-sided p of significance() from a mean and std over n runs."""
     from scipy import stats
     if std == 0:
-        return 0.0
+        return 0.0 if (mean < target if lower_is_better else mean > target) else 1.0
     t = (mean - target) / (std / math.sqrt(n))
     return float(stats.t.cdf(t, n - 1) if lower_is_better else stats.t.sf(t, n - 1))
 
 
-def more_runs(p_after, limit=1000):
+def runs_to_settle(p_after, limit=1000):
     """The fewest more runs k with p_after(k) < ALPHA, if means and stds stay as measured; None past limit."""
     return next((k for k in range(1, limit + 1) if p_after(k) < ALPHA), None)
 
 
-def more(n):
+def more_runs(n):
     return f"{n} more run{'s' * (n != 1)}"
 
 
-def describe(values):
+def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -355,14 +364,16 @@ def test_line(group, target=None):
     t, p = significance(group.results, target, track.lower_is_better)
     relation = "<=" if track.lower_is_better else ">="
     verdict = "significant" if p < ALPHA else "not significant"
-    return f"one-sided t-test of mean {relation} {target:g}: t = {t:.3f}, p = {p:.3g} ({verdict} at p < {ALPHA})"
+    return f"one-sided t-test of mean {relation} {target:.10g}: t = {t:.3f}, p = {p:.3g} ({verdict} at p < {ALPHA})"
 
 
 def stats_line(group, target=None):
     track, target = target_of(group, target)
-    (mean, std), (tmean, tstd) = describe(group.results), describe(group.times)
+    (mean, std), (tmean, tstd) = mean_std(group.results), mean_std(group.times)
     d = decimals([*group.results, mean], target)
     unit, scale = time_unit(group.times)
+    if len(group.runs) == 1:
+        return f"n = 1, {result_name(track)} {mean:.{d}f}; train time {tmean / scale:.2f} {unit}"
     return (f"n = {len(group.runs)}, mean {result_name(track)} {mean:.{d}f}, std {std:.{d}f}; "
             f"mean train time {tmean / scale:.2f} {unit}, std {tstd / scale:.2f} {unit}")
 
@@ -372,12 +383,12 @@ def summary_table(group, target=None):
     track, target = target_of(group, target)
     runs = group.runs
     steps = "epochs" if track.metric == "test_acc" else "steps"
-    (mean, std), (tmean, tstd) = describe(group.results), describe(group.times)
+    (mean, std), (tmean, tstd) = mean_std(group.results), mean_std(group.times)
     d = decimals([*group.results, mean], target)
     unit, scale = time_unit(group.times)
-    width = max(len(r.name) for r in runs) + 2
+    width = max(*(len(r.name) for r in runs), len(f"mean of {len(runs)}")) + 2
     rw, tw = max(len(result_name(track)), d + 4) + 2, len(f"train time ({unit})") + 2
-    lines = [f"== {group.name}", group.describe(),
+    lines = [f"== {group.name}", group.about(),
              f"{'run':<{width}}{result_name(track):>{rw}}{f'train time ({unit})':>{tw}}{steps:>8}  seed"]
     for r in runs:
         lines.append(f"{r.name:<{width}}{r.result:>{rw}.{d}f}{r.time_s / scale:>{tw}.2f}{r.steps:>8}  "
@@ -390,7 +401,7 @@ def summary_table(group, target=None):
 
 
 def significance_block(group, target=None):
-    return "\n".join([f"== {group.name}", group.describe(), stats_line(group, target), test_line(group, target)])
+    return "\n".join([f"== {group.name}", group.about(), stats_line(group, target), test_line(group, target)])
 
 
 # ----------------------------------------------------------------------------- compare
@@ -406,13 +417,18 @@ def one_group(path, pool, say=warn):
 def compare(a, b, target=None, say=print):
     """Welch's t-tests of B against A on the result and on time, and whether B is faster at a result
     that still meets the target. Returns True when it is, at p < ALPHA on both counts."""
+    if {r.kind for r in a.runs + b.runs} == {"gpt", "cifar"}:
+        raise RecordError("A and B are GPT and CIFAR runs: a loss and an accuracy do not compare")
     if a.track != b.track and target is None:
-        raise RecordError(f"A is track {a.track} and B track {b.track}: give --target to compare them anyway")
+        raise RecordError(f"A is track {a.track or 'unknown'} and B track {b.track or 'unknown'}: give --target "
+                          f"to compare them anyway")
     track, target = target_of(b, target)
     if target is None:
         raise RecordError(f"{b.name}: the track is unknown ({b.how}): give --target")
-    ra, rb = describe(a.results), describe(b.results)
-    ta, tb = describe(a.times), describe(b.times)
+    if min(len(a.runs), len(b.runs)) < 2:
+        raise RecordError(f"a Welch t-test needs at least 2 runs a side; A has {len(a.runs)}, B {len(b.runs)}")
+    ra, rb = mean_std(a.results), mean_std(b.results)
+    ta, tb = mean_std(a.times), mean_std(b.times)
     d = decimals([*a.results, *b.results, ra[0], rb[0]], target)
     unit, scale = time_unit(a.times + b.times)
     name = result_name(track)
@@ -427,21 +443,24 @@ def compare(a, b, target=None, say=print):
     wa = max(len(str(r[1])) for r in rows) + 3
     for label, x, y in rows:
         say(f"{label:<18}{x!s:<{wa}}{y}")
-    if a.hardware != b.hardware:
+    same_hardware = a.hardware == b.hardware
+    if not same_hardware:
         say("warning: A and B ran on different hardware: their times do not compare")
-    if min(len(a.runs), len(b.runs)) < 2:
-        raise RecordError("a Welch t-test needs at least 2 runs on each side")
     _, p_result = welch((*ra, len(a.runs)), (*rb, len(b.runs)), "two-sided")
     say(f"{name}, B - A: {rb[0] - ra[0]:+.{d}f} (Welch's t-test, two-sided p = {p_result:.3g})")
     t_time, p_time = welch((*ta, len(a.runs)), (*tb, len(b.runs)), "less")
-    say(f"train time, B - A: {(tb[0] - ta[0]) / scale:+.2f} {unit} ({(tb[0] - ta[0]) / ta[0]:+.1%}; Welch's t-test "
-        f"that B is faster: t = {t_time:.3f}, one-sided p = {p_time:.3g})")
+    relative = f"{(tb[0] - ta[0]) / ta[0]:+.1%}; " if ta[0] else ""
+    say(f"train time, B - A: {(tb[0] - ta[0]) / scale:+.2f} {unit} ({relative}Welch's t-test that B is faster: "
+        f"t = {t_time:.3f}, one-sided p = {p_time:.3g})")
     _, p_target = significance(b.results, target, track.lower_is_better)
     relation = "<=" if track.lower_is_better else ">="
-    say(f"B against the target: mean {name} {relation} {target:g}, one-sided p = {p_target:.3g}")
+    say(f"B against the target: mean {name} {relation} {target:.10g}, one-sided p = {p_target:.3g}")
     faster, meets = p_time < ALPHA, p_target < ALPHA
+    if not same_hardware:
+        say(f"answer: no comparison of speed: A ran on {'; '.join(a.hardware)}, B on {'; '.join(b.hardware)}")
+        return False
     if faster and meets:
-        say(f"answer: yes. B is faster than A (p = {p_time:.3g}) at a {name} that meets {target:g} "
+        say(f"answer: yes. B is faster than A (p = {p_time:.3g}) at a {name} that meets {target:.10g} "
             f"(p = {p_target:.3g}), both below {ALPHA}")
         return True
     reasons = []  # (why not, whether more runs would settle it)
@@ -449,18 +468,18 @@ def compare(a, b, target=None, say=print):
         if tb[0] >= ta[0]:
             reasons.append(("B is not faster on average: more runs will not make it so", False))
         else:
-            k = more_runs(lambda k: welch((*ta, len(a.runs) + k), (*tb, len(b.runs) + k), "less")[1])
+            k = runs_to_settle(lambda k: welch((*ta, len(a.runs) + k), (*tb, len(b.runs) + k), "less")[1])
             reasons.append((f"B is faster by {(ta[0] - tb[0]) / scale:.2f} {unit} on average, but p = {p_time:.3g} is "
-                            f"not below {ALPHA}: " + (f"about {more(k)} of each would settle it" if k else
+                            f"not below {ALPHA}: " + (f"about {more_runs(k)} of each would settle it" if k else
                                                       "not even 1000 more runs of each would settle it"), bool(k)))
     if not meets:
         if (rb[0] >= target) if track.lower_is_better else (rb[0] <= target):
-            reasons.append((f"B's mean {name} {rb[0]:.{d}f} misses {target:g}: more runs will not make it meet it",
+            reasons.append((f"B's mean {name} {rb[0]:.{d}f} misses {target:.10g}: more runs will not make it meet it",
                             False))
         else:
-            k = more_runs(lambda k: target_p(*rb, len(b.runs) + k, target, track.lower_is_better))
-            reasons.append((f"B's mean {name} meets {target:g} at p = {p_target:.3g}, not below {ALPHA}: "
-                            + (f"about {more(k)} of B would settle it" if k else
+            k = runs_to_settle(lambda k: target_p(*rb, len(b.runs) + k, target, track.lower_is_better))
+            reasons.append((f"B's mean {name} meets {target:.10g} at p = {p_target:.3g}, not below {ALPHA}: "
+                            + (f"about {more_runs(k)} of B would settle it" if k else
                                "not even 1000 more runs of B would settle it"), bool(k)))
     say(f"answer: {'not yet' if all(s for _, s in reasons) else 'no'}. " + "; ".join(r for r, _ in reasons))
     return False
@@ -469,10 +488,14 @@ def compare(a, b, target=None, say=print):
 # ----------------------------------------------------------------------------- plots
 
 def plot(groups, out, target=None):
-    fig = draw(groups, target)
-    fig.savefig(out, dpi=120)
     import matplotlib.pyplot as plt
-    plt.close(fig)
+    fig = draw(groups, target)
+    try:
+        fig.savefig(out, dpi=120)
+    except (OSError, ValueError) as e:
+        raise RecordError(f"{out}: cannot write the figure: {e}") from None
+    finally:
+        plt.close(fig)
 
 
 def draw(groups, target=None):
@@ -494,7 +517,8 @@ def draw(groups, target=None):
     lw, alpha = (1.4, 0.9) if len(all_runs) <= 3 else (0.7, 0.55)
     folders = [g.name.split(" [")[0] for g in groups]  # the path the groups share goes in the title, once
     common = os.path.commonpath(folders) if len(groups) > 1 and len({f.startswith("/") for f in folders}) == 1 else ""
-    names = [g.name if not common else (os.path.relpath(f, common) + g.name[len(f):]) for f, g in zip(folders, groups)]
+    names = [g.name if not common else (os.path.relpath(f, common).replace(".", Path(f).name, f == common)
+                                        + g.name[len(f):]) for f, g in zip(folders, groups)]
     if common:
         fig.suptitle(f"under {common}/", fontsize=9)
     for g, group in enumerate(groups):
@@ -517,7 +541,8 @@ def draw(groups, target=None):
                 "" if target is not None else f" ({group.track})"))
     # the first evaluations sit far above the rest: frame the curves' second half and the targets
     tail = [c[2] for r in all_runs for c in r.curve if c[0] >= r.curve[-1][0] / 2 and math.isfinite(c[2])]
-    low, high = min(tail + list(targets)), max(tail + list(targets))
+    framed = tail + ([] if cifar else list(targets))  # CIFAR's target is an accuracy, not a loss
+    low, high = min(framed), max(framed)
     pad = 0.08 * (high - low or abs(high) or 1)
     if cifar:
         by_step.set(xlabel="epoch", ylabel="train loss (label-smoothed)", title="train loss by epoch")
@@ -582,7 +607,8 @@ def check_record(runs, track, target):
     t, p = significance([r.result for r in runs], target, track.lower_is_better)
     if p >= ALPHA:
         mean = statistics.mean(r.result for r in runs)
-        raise RecordError(f"the runs miss the target: mean {mean:.4f} against {target:g}, one-sided p = "
+        d = decimals([mean], target)
+        raise RecordError(f"the runs miss the target: mean {mean:.{d}f} against {target:.10g}, one-sided p = "
                           f"{p:.3g}, not below {ALPHA} (more runs, or a better recipe)")
     return t, p
 
@@ -604,8 +630,8 @@ def trainer_command(run, track):
 
 
 def record_readme(name, date, track_name, track, description, runs, t, p, target):
-    mean, std = describe([r.result for r in runs])
-    tmean, tstd = describe([r.time_s for r in runs])
+    mean, std = mean_std([r.result for r in runs])
+    tmean, tstd = mean_std([r.time_s for r in runs])
     d = decimals([*(r.result for r in runs), mean], target)
     unit, scale = time_unit([r.time_s for r in runs])
     first = runs[0]
@@ -623,7 +649,7 @@ def record_readme(name, date, track_name, track, description, runs, t, p, target
 | mean over {len(runs)} runs | **{mean:.{d}f}** | **{tmean / scale:.2f}** |
 | std | {std:.{d}f} | {tstd / scale:.2f} |
 
-One-sided t-test that the mean {track.metric} is {relation} {target:g}: t = {t:.3f}, p = {p:.3g}
+One-sided t-test that the mean {track.metric} is {relation} {target:.10g}: t = {t:.3f}, p = {p:.3g}
 ({len(runs) - 1} degrees of freedom).
 
 Hardware: {"; ".join(hardware)}. Software: {"; ".join(software)}.
@@ -673,7 +699,7 @@ def submit(paths, track_name, name, description, date=None, records=RECORDS, rea
                 raise RecordError(f"two logs are both named {log.run_id}: rename one")
             shutil.copyfile(log.path, copy)
         runs = load_runs([directory])  # from here on, the copies are what the record says
-        plot([Group(name, runs, track_name, "submitted", [version(runs[0])])], directory / "curves.png", target)
+        plot([Group(name, runs, track_name, "submitted", [code_key(runs[0])])], directory / "curves.png", target)
         (directory / "README.md").write_text(
             record_readme(name, date, track_name, track, description, runs, t, p, target))
         (directory / "record.json").write_text(json.dumps(
@@ -759,12 +785,14 @@ def reproduce(path, n_runs=1, out=ROOT / "logs" / "reproduce", say=print, dry_ru
     first n_runs seeds with the logged config and compare the results with the logged ones; a public log
     is rerun as its author ran it, by torchrun on as many GPUs. Returns the new runs."""
     path = Path(path)
-    groups = group_runs(load_runs([path], strict=False, say=say))
+    groups = group_runs(load_runs([path], strict=False))
     if len(groups) > 1:
         raise RecordError(f"{path} holds {len(groups)} groups ({'; '.join(g.name for g in groups)}): "
                           f"reproduce one of their folders or logs")
     runs = groups[0].runs
     if not all(r.log.config for r in runs):
+        if n_runs != 1:
+            raise RecordError("--runs counts the seeds of our records; a public log reruns once, as it was run")
         return reproduce_public(runs[0], say=say, dry_run=dry_run)
     track = one_track(runs)
     if not 1 <= n_runs <= len(runs):
@@ -800,16 +828,18 @@ def reproduce(path, n_runs=1, out=ROOT / "logs" / "reproduce", say=print, dry_ru
                 raise RecordError(f"{new[0].log.path} logged a different source from the record's")
             new_runs += new
             for r in new:
-                same = "identical" if r.result == run.result else f"recorded {run.result:.4f}"
-                say(f"  {track.metric} {r.result:.4f} ({same}), train time {format_time(r.time_s)} "
+                d = decimals([r.result, run.result], track.target)
+                same = "identical" if r.result == run.result else f"recorded {run.result:.{d}f}"
+                say(f"  {track.metric} {r.result:.{d}f} ({same}), train time {format_time(r.time_s)} "
                     f"(recorded {format_time(run.time_s)}); log {r.log.path}")
     if dry_run:
         return []
-    mean, std = describe([r.result for r in runs])
+    mean, std = mean_std([r.result for r in runs])
     new_mean = statistics.mean(r.result for r in new_runs)
     gap = new_mean - mean
     verdict = "within 2 std of the record" if abs(gap) <= 2 * std else "NOT within 2 std of the record"
-    say(f"new mean {track.metric} {new_mean:.4f} over {len(new_runs)} run(s); the record's: {mean:.4f} ± {std:.4f} "
+    d = decimals([new_mean, mean], track.target)
+    say(f"new mean {track.metric} {new_mean:.{d}f} over {len(new_runs)} run(s); the record's: {mean:.{d}f} ± {std:.{d}f} "
         f"over {len(runs)} runs; difference {gap:+.4f}: {verdict}")
     recorded_hw, new_hw = {r.log.hardware for r in runs}, {r.log.hardware for r in new_runs}
     if recorded_hw != new_hw:
@@ -867,7 +897,8 @@ def reproduce_public(run, say=print, dry_run=False):
     if patterns:
         say(f"data:    the source reads {', '.join(patterns)}, relative to {ROOT}; fetch the shards with "
             f"`python data/cached_fineweb10B.py N` (N train shards of 100M tokens: as many as the run reads)")
-    packages = sorted({name.split(".")[0] for name in IMPORT.findall(run.log.source)} - set(sys.stdlib_module_names))
+    packages = sorted({name.split(".")[0] for name in IMPORT.findall(run.log.source)} - {""}
+                      - set(sys.stdlib_module_names))
     if packages:
         missing = missing_modules(packages, folder)
         say(f"imports: {', '.join(packages)}" + (f"; not installed here: {', '.join(missing)}" if missing else ""))
@@ -878,9 +909,9 @@ def reproduce_public(run, say=print, dry_run=False):
     if gpus < n:
         raise RecordError(f"the log ran {n} process(es) on {run.log.hardware}; this machine has {gpus} GPU(s): "
                           f"run the command above on one with {n}")
-    missing = [p for p in patterns if "/" in p and not list(ROOT.glob(p))]
+    missing = [p for p in patterns if "/" in p and not glob.glob(str(ROOT / p))]  # ROOT / "/abs" is "/abs"
     if missing:
-        raise RecordError(f"no file matches {', '.join(missing)} under {ROOT}: fetch the data first")
+        raise RecordError(f"no file matches {', '.join(missing)} from {ROOT}: fetch the data first")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], cwd=ROOT, check=False)
     if result.returncode:
         raise RecordError(f"the rerun exited with status {result.returncode}")
