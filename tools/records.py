@@ -517,8 +517,8 @@ def draw(groups, target=None):
     lw, alpha = (1.4, 0.9) if len(all_runs) <= 3 else (0.7, 0.55)
     folders = [g.name.split(" [")[0] for g in groups]  # the path the groups share goes in the title, once
     common = os.path.commonpath(folders) if len(groups) > 1 and len({f.startswith("/") for f in folders}) == 1 else ""
-    names = [g.name if not common else (os.path.relpath(f, common).replace(".", Path(f).name, f == common)
-                                        + g.name[len(f):]) for f, g in zip(folders, groups)]
+    names = [g.name if not common else (Path(f).name if f == common else os.path.relpath(f, common)) + g.name[len(f):]
+             for f, g in zip(folders, groups)]
     if common:
         fig.suptitle(f"under {common}/", fontsize=9)
     for g, group in enumerate(groups):
