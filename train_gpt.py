@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -241,19 +242,30 @@ def write_shard(path, tokens):
         f.write(tokens.astype("<u2").tobytes())
 
 
+FINEWEB_SHARD = re.compile(r"fineweb_(train|val)_(\d{6})\.bin")
+
+
+def bad_shard(path, problem):
+    """The UserError for a damaged shard; a FineWeb shard's names the command that fetches it again."""
+    m = FINEWEB_SHARD.fullmatch(os.path.basename(path))
+    hint = (f"; `python data/cached_fineweb10B.py {max(int(m[2]), 10)}` checks the shards and fetches damaged "
+            f"ones again" if m else "")
+    return UserError(f"{path}: {problem}{hint}")
+
+
 def read_header(path):
     """Check a shard's header against its size; return its token count."""
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
-        raise UserError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+        raise bad_shard(path, f"{size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
     magic, version, n_tokens = np.fromfile(path, dtype="<i4", count=3)
     if magic != SHARD_MAGIC:
-        raise UserError(f"{path}: magic number {magic} at byte 0, expected {SHARD_MAGIC}: not a token shard")
+        raise bad_shard(path, f"magic number {magic} at byte 0, expected {SHARD_MAGIC}: not a token shard")
     if version != SHARD_VERSION:
-        raise UserError(f"{path}: shard version {version} at byte 4, expected {SHARD_VERSION}")
+        raise bad_shard(path, f"shard version {version} at byte 4, expected {SHARD_VERSION}")
     if size != HEADER_BYTES + 2 * n_tokens:
-        raise UserError(f"{path}: header says {n_tokens} tokens ({HEADER_BYTES + 2 * n_tokens} bytes) "
-                        f"but the file has {size} bytes: truncated or corrupt")
+        raise bad_shard(path, f"header says {n_tokens} tokens ({HEADER_BYTES + 2 * n_tokens} bytes) but the file "
+                              f"has {size} bytes: truncated or corrupt")
     return int(n_tokens)
 
 
@@ -262,8 +274,8 @@ def read_shard(path, vocab_size):
     tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_BYTES)
     if n_tokens and tokens.max() >= vocab_size:
         pos = int(np.argmax(tokens >= vocab_size))
-        raise UserError(f"{path}: token {tokens[pos]} at position {pos} is outside the "
-                        f"vocabulary of {vocab_size}: shards for another tokenizer?")
+        raise bad_shard(path, f"token {tokens[pos]} at position {pos} is outside the vocabulary of {vocab_size}: "
+                              f"shards for another tokenizer, or damaged?")
     return tokens
 
 

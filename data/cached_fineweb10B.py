@@ -3,11 +3,23 @@
     python data/cached_fineweb10B.py       # 10 train shards: the 1B tokens the record run reads
     python data/cached_fineweb10B.py 103   # all of it
 
-Each shard holds 100M tokens (~200 MB). Complete shards are skipped, interrupted downloads resume,
-and every file's header is checked against its size.
+Each shard holds 100M tokens (~200 MB). huggingface_hub resolves each file on the hub (its size, its
+SHA-256 and the commit); the bytes come by plain HTTP GET into NAME.part, which a later run resumes
+with a ranged request, whether the last one failed or was killed. A shard is kept only when its
+SHA-256 matches the hub's; manifest.json records it, and every run checks the shards it has against
+it. HF_ENDPOINT points the download at another hub.
 """
 import argparse
+import errno
+import hashlib
+import http.client
+import importlib
+import json
+import re
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
@@ -17,51 +29,162 @@ from train_gpt import UserError, read_header  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 HERE = Path(__file__).resolve().parent
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+SHA256 = re.compile(r"[0-9a-f]{64}")
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+               errno.EISDIR}  # a write that cannot succeed by trying again
 
 
 def shard_names(n_train):
     return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, n_train + 1)]
 
 
-def is_complete(path):
+def network_errors():
+    """What a dropped or refused connection raises: OSError and http.client's errors for our GET, and the
+    transport errors of whichever HTTP library huggingface_hub runs on (httpx2, httpx or requests)."""
+    errors = [OSError, http.client.HTTPException]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Hub:
+    """The files of the dataset repository: what huggingface_hub says of them, and their bytes."""
+
+    def __init__(self, repo_id=REPO_ID):
+        self.repo_id = repo_id
+
+    def metadata(self, name):
+        """(url, size, sha256, commit) of a file, sha256 None when the hub's ETag is not one; UserError when
+        the hub has no such file."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+        url = hf_hub_url(self.repo_id, name, repo_type="dataset")
+        try:
+            meta = get_hf_file_metadata(url)
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            raise UserError(f"{name}: no such file in the dataset {self.repo_id} on {endpoint()}") from None
+        digest = (meta.etag or "").strip('"').removeprefix("W/").strip('"')  # an LFS file's ETag is its SHA-256
+        return meta.location or url, meta.size, digest if SHA256.fullmatch(digest) else None, meta.commit_hash
+
+    def get(self, url, start):
+        """A response streaming the file's bytes from offset `start`, and whether it honours that offset."""
+        from huggingface_hub.utils import build_hf_headers
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        if urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(endpoint()).netloc:
+            headers.update(build_hf_headers())  # the token goes to the hub only, not to a CDN it redirects to
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+        return response, response.status == 206
+
+
+def endpoint():
+    from huggingface_hub import constants
+    return constants.ENDPOINT
+
+
+def download(hub, name, path, retries, backoff=1.0):
+    """Fetch one shard into path through path.part, resuming what a run before left there; keep it only
+    if its SHA-256 matches the hub's. Returns that SHA-256."""
+    part = path.with_name(path.name + ".part")
+    errors = network_errors()
+    for attempt in range(retries + 1):
+        try:
+            url, size, digest, _ = hub.metadata(name)
+            have = part.stat().st_size if part.exists() else 0
+            if have > size:
+                part.unlink()
+                have = 0
+            if have < size:
+                response, ranged = hub.get(url, have)
+                with response, open(part, "ab" if ranged else "wb") as out, tqdm(
+                        total=size, initial=have if ranged else 0, desc=name, unit="B", unit_scale=True,
+                        leave=False) as bar:
+                    while block := response.read1(CHUNK):  # what has arrived, on disk at once: a kill loses none
+                        out.write(block)
+                        out.flush()
+                        bar.update(len(block))
+                if part.stat().st_size != size:
+                    raise http.client.IncompleteRead(b"", size - part.stat().st_size)
+            break
+        except errors as e:
+            if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+                raise UserError(f"{part}: {e.strerror}: cannot write the shard") from None
+            if attempt == retries:
+                kept = f"; {part.stat().st_size:,} bytes kept in {part} for the next run" if part.exists() else ""
+                raise UserError(f"{name}: download from {endpoint()} failed after {retries + 1} attempts: "
+                                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else '-'}"
+                                f"{kept}") from None
+            tqdm.write(f"{name}: {type(e).__name__}, retrying in {backoff * 2 ** attempt:g} s", file=sys.stderr)
+            time.sleep(backoff * 2 ** attempt)
+    actual = sha256(part)
+    if digest is None:
+        tqdm.write(f"{name}: the hub gives no SHA-256 for it: only its size and header are checked", file=sys.stderr)
+    elif actual != digest:
+        part.unlink()
+        raise UserError(f"{name}: SHA-256 {actual} differs from the hub's {digest}: the bytes are damaged; "
+                        f"deleted, run again")
+    read_header(part)
+    part.replace(path)
+    return actual
+
+
+def fetch(names, local_dir, hub, retries=5, backoff=1.0):
+    """Make each named shard present and checked in local_dir: a shard the manifest vouches for stays, a
+    damaged one is fetched again, the rest are downloaded. Returns the names downloaded."""
     try:
-        read_header(path)
-        return True
-    except UserError:
-        return False
-
-
-def fetch(names, local_dir, download):
-    """Download each missing or damaged shard with `download(filename, local_dir)` and check it."""
-    local_dir.mkdir(parents=True, exist_ok=True)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        manifest_path = local_dir / MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    except OSError as e:
+        raise UserError(f"{local_dir}: {e.strerror}: cannot hold the shards") from None
+    except json.JSONDecodeError:
+        manifest = {}
+    fetched = []
     for name in tqdm(names, desc="shards", unit="shard"):
         path = local_dir / name
         if path.exists():
-            if is_complete(path):
+            actual = sha256(path)
+            if actual == manifest.get(name):
                 continue
-            tqdm.write(f"{path}: incomplete or damaged, downloading it again")
-            path.unlink()
-        download(name, local_dir)
-        read_header(path)  # raises with the file and the problem
-
-
-def hf_download(name, local_dir):
-    from huggingface_hub import hf_hub_download
-    hf_hub_download(repo_id=REPO_ID, filename=name, repo_type="dataset", local_dir=local_dir)
+            if name not in manifest and actual == hub.metadata(name)[2]:  # fetched before manifests existed
+                manifest[name] = actual
+            else:
+                tqdm.write(f"{path}: not the bytes the hub has, fetching it again", file=sys.stderr)
+                path.unlink()
+        if name not in manifest or not path.exists():
+            manifest[name] = download(hub, name, path, retries, backoff)
+            fetched.append(name)
+        tmp = manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        tmp.replace(manifest_path)
+    return fetched
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n_train", nargs="?", type=int, default=10, help="train shards to fetch (default 10)")
     parser.add_argument("--dir", type=Path, default=HERE / "fineweb10B", help="where the shards go")
+    parser.add_argument("--retries", type=int, default=5, help="attempts after a failed one, 1, 2, 4 ... s apart")
     args = parser.parse_args(argv)
     try:
-        fetch(shard_names(args.n_train), args.dir, hf_download)
+        fetched = fetch(shard_names(args.n_train), args.dir, Hub(), args.retries)
     except UserError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # network and disk failures, huggingface_hub's included
-        sys.exit(f"error: download from {REPO_ID} failed: {e}")
-    print(f"{args.n_train + 1} shards ready in {args.dir}")
+    except network_errors() as e:  # asking the hub about a shard already here, which is not retried
+        sys.exit(f"error: {endpoint()}: {type(e).__name__}: {e}")
+    print(f"{args.n_train + 1} shards ready in {args.dir} ({len(fetched)} downloaded, every one checked)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import cached_fineweb10B
 import fineweb
 import tinyshakespeare
 from conftest import ROOT, config_args, cpu_env, tiny_config
@@ -198,26 +197,3 @@ def test_fineweb_build_shards(shakespeare_text, tmp_path):
     tokens = np.concatenate([read_shard(p, 50304) for p in paths]).tolist()
     expected = [t for d in docs for t in [enc.eot_token] + enc.encode_ordinary(d)]
     assert tokens == expected
-
-
-def test_cached_fineweb_skips_complete_and_replaces_damaged(tmp_path):
-    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(100))
-    damaged = tmp_path / "fineweb_train_000001.bin"
-    damaged.write_bytes(b"partial")
-    fetched = []
-
-    def download(name, local_dir):
-        fetched.append(name)
-        write_shard(local_dir / name, np.arange(50))
-
-    cached_fineweb10B.fetch(cached_fineweb10B.shard_names(2), tmp_path, download)
-    assert fetched == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
-    assert read_header(damaged) == 50
-
-
-def test_cached_fineweb_checks_what_it_downloaded(tmp_path):
-    def download(name, local_dir):
-        (local_dir / name).write_bytes(b"<html>rate limited</html>")
-
-    with pytest.raises(UserError, match="fineweb_val_000000.bin: .*shorter than the 1024-byte shard header"):
-        cached_fineweb10B.fetch(cached_fineweb10B.shard_names(0), tmp_path, download)

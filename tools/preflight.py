@@ -23,6 +23,8 @@ preset small enough for the CPU.
 import dataclasses
 import gc
 import glob
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -88,6 +90,28 @@ def driver_version():
         return out[0] if out else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown (no nvidia-smi)"
+
+
+def check_digests(files, details):
+    """Compare each shard's SHA-256 with the one data/cached_fineweb10B.py recorded in its folder's
+    manifest.json when it checked the download against the hub; shards without one are noted."""
+    for path in files:
+        manifest = Path(path).parent / "manifest.json"
+        try:
+            recorded = json.loads(manifest.read_text()).get(Path(path).name)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded is None:
+            details.append(f"{path}: no SHA-256 recorded in {manifest}: its content is not checked")
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != recorded:
+            raise train_gpt.bad_shard(path, f"SHA-256 {digest.hexdigest()} differs from the hub's {recorded}, "
+                                            f"recorded in {manifest} at download: damaged since")
+        details.append(f"{path}: SHA-256 matches the hub's")
 
 
 def fetch_command(cfg):
@@ -291,6 +315,7 @@ class Preflight:
                 raise Outcome("FAIL", f"{path}: {n:,} tokens, but one step reads {span + 1:,}")
             usable += (n - 1) // span * span
         train_gpt.read_shard(files[0], cfg.vocab_size)  # the others are checked as the loader reaches them
+        check_digests(files, details)
         reads = cfg.steps * span
         found = (f"{len(files)} shard(s) with good headers, {usable:,} tokens before the stream wraps; the run "
                  f"reads {reads:,}")
@@ -305,6 +330,7 @@ class Preflight:
         if not glob.glob(cfg.val_files):
             raise Outcome("FAIL", f"no shard matches {cfg.val_files!r}: `{fetch_command(cfg)}` fetches it")
         tokens = train_gpt.load_val_tokens(cfg)
+        check_digests(sorted(glob.glob(cfg.val_files)), details)
         return "PASS", f"{len(tokens) - 1:,} targets from {cfg.val_files}"
 
     def disk(self, details):
