@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -106,6 +107,7 @@ class Config:
     hellaswag_every: int = 0  # log HellaSwag accuracy every K steps and at the end (GPT-2 vocabulary); 0 = never
     hellaswag_file: str = "data/hellaswag/hellaswag_val.jsonl"  # downloaded when missing
     resume: str = ""  # continue from this checkpoint, or "latest": the newest under log_dir
+    wandb_project: str = ""  # also log the config and every step line to this Weights & Biases project
 
 
 PRESETS = {
@@ -216,6 +218,8 @@ def validate(cfg, world_size):
                         f"{cfg.muon_weight_decay} at lr {cfg.muon_lr}")
     if not 0 <= cfg.lr_warmup_steps <= cfg.steps:
         raise UserError(f"lr_warmup_steps {cfg.lr_warmup_steps} must lie in [0, steps={cfg.steps}]")
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError("wandb_project: the wandb package is not installed (pip install wandb)")
     if cfg.hellaswag_every and cfg.vocab_size < 50257:
         raise UserError(f"hellaswag_every: HellaSwag is English text and needs a GPT-2 vocabulary, not "
                         f"vocab_size {cfg.vocab_size}")
@@ -675,7 +679,7 @@ def build_optimizers(model, cfg, rank, world_size, device):
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint v1"
 # What a resumed run may change: paths, evaluation and execution, nothing that alters the updates.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_tokens", "val_every", "compile", "warmup_steps", "log_dir",
-                     "save_every", "resume", "sample_tokens", "hellaswag_every", "hellaswag_file", "muon_triton",
+                     "save_every", "resume", "sample_tokens", "hellaswag_every", "hellaswag_file", "muon_triton", "wandb_project",
                      "micro_batch_size"}  # micro-batches, like processes, reorder sums
 
 
@@ -985,6 +989,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
         hellaswag_items = on_all_ranks(items, rank, world_size)
 
     start, train_ms, val_loss = 0, 0.0, float("nan")
+    track = Tracker(cfg, rank, run_dir, log)
     if cfg.resume:
         start, train_ms = resume(cfg, log, raw_model, optimizers, loader, rank, world_size, device)
     saved = None  # this run's newest checkpoint: each new one replaces it
@@ -1028,16 +1033,19 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
                 if validate_now:
                     val_loss = evaluate(model, val_tokens, cfg, rank, world_size, device)
                     log(step_line(step, cfg.steps, "val_loss", val_loss, train_ms))
+                    track(step, val_loss=val_loss)  # at the train time of this step's train line
                 if hellaswag_now:
                     accuracy = hellaswag.accuracy(raw_model, hellaswag_items, encode, prefix, rank, world_size)
                     log(step_line(step, cfg.steps, "hellaswag_acc", accuracy, train_ms))
+                    track(step, hellaswag_acc=accuracy)
                 sync(device)
                 t0 = time.perf_counter()
             if last:
                 break
             loss, stop = train_step(step, loader.next_batches(), cfg, ddp_model, optimizers, world_size, sigterm)
-            log(step_line(step + 1, cfg.steps, "train_loss", loss,
-                          train_ms + 1000 * (time.perf_counter() - t0)))
+            now_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            log(step_line(step + 1, cfg.steps, "train_loss", loss, now_ms))
+            t0 += track(step + 1, train_loss=loss, train_time_ms=now_ms)  # the tracker's time is not training
             if not math.isfinite(loss):
                 raise UserError(f"step {step + 1}: train loss {loss}, the run diverged; "
                                 + (f"the newest checkpoint is {saved}" if saved else "no checkpoint was saved"))
@@ -1050,6 +1058,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
                 log(f"SIGTERM: stopped after step {step + 1}; continue with --resume={saved or 'latest'}")
                 raise Preempted()
 
+    track.finish()
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
     log(f"final val_loss:{val_loss:.4f} train_time:{train_ms / 1000:.2f}s "
         f"tokens/s:{tokens / (train_ms / 1000):.0f} ({tokens / (train_ms / 1000) / world_size:.0f} per process)")
@@ -1145,6 +1154,42 @@ class Logger:
             print(text, flush=True)
         with open(self.path, "a") as f:
             f.write(text + "\n")
+
+
+class Tracker:
+    """Weights & Biases, when cfg.wandb_project names a project: rank 0 logs the config, then each step line's
+    metrics, to a run named like the log folder. Tracking is optional: any failure of it is logged and ends
+    the tracking, never the training."""
+
+    def __init__(self, cfg, rank, run_dir, log):
+        self.run, self.log = None, log
+        if cfg.wandb_project and rank == 0:
+            self.attempt("start", lambda: self.start(cfg, run_dir))
+
+    def start(self, cfg, run_dir):
+        import wandb  # optional: only the runs that ask for tracking need it
+        self.run = wandb.init(project=cfg.wandb_project, name=Path(run_dir).name, dir=run_dir,
+                              config=dataclasses.asdict(cfg))
+
+    def attempt(self, what, call):
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001  whatever wandb raises (no login, no network, full disk)
+            self.log(f"wandb: could not {what} ({type(e).__name__}: {str(e).strip()[:300]}); tracking stops, "
+                     f"training goes on")
+            self.run = None
+
+    def __call__(self, step, **metrics):
+        """Log the metrics at this step; return the seconds it took, to leave out of the train time."""
+        if self.run is None:
+            return 0.0
+        started = time.perf_counter()
+        self.attempt(f"log step {step}", lambda: self.run.log(metrics, step=step))
+        return time.perf_counter() - started
+
+    def finish(self):
+        if self.run is not None:
+            self.attempt("finish", self.run.finish)
 
 
 def start_log(log_dir, rank, header, device, sources=SOURCES):
