@@ -6,6 +6,7 @@
 #                                without: the CPU track on tiny Shakespeare, data preparation included.
 #   ./run.sh cifar [args]        the CIFAR-10 speedrun (train_cifar.py), downloading CIFAR-10 first
 #                                if data/cifar10 lacks it.
+#   ./run.sh data [args]         only prepares the data the trainer would read with these arguments.
 #   ./run.sh preflight [args]    checks that this node can run the preset (--preset NAME, --no-data,
 #                                --key=value as for the trainer): versions, data, numerics, collectives,
 #                                the real step, a checkpoint; launched as the run is. Fetches nothing.
@@ -16,6 +17,11 @@
 # Several nodes: run the same command on each, with torchrun's usual environment:
 #   NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0's address> [MASTER_PORT=29500] ./run.sh
 # NPROC_PER_NODE overrides the number of processes per node (all local GPUs; on CPU, 1 unless set).
+# Under Slurm (`srun ./run.sh`), the job gives these: with one task per node, each starts torchrun on its
+# node (NNODES, NODE_RANK, MASTER_ADDR from SLURM_NNODES, SLURM_NODEID, the job's first host); with a
+# task per process, srun starts the processes and each runs the trainer itself (RANK, WORLD_SIZE,
+# LOCAL_RANK from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). Settings of your own win. slurm/ has an
+# example batch script.
 #
 # Arguments after the command go to the trainer (or pytest). The first run installs requirements.txt
 # into .venv unless the current python already has them; set PYTHON to use another interpreter.
@@ -61,11 +67,35 @@ if [ "${1:-}" = "benchmark" ] && [ "${2:-}" = "cifar" ]; then
 fi
 
 # What runs on every process: the trainer, or the preflight or benchmark, which take the trainer's flags.
+prepare_only=""
 case "${1:-}" in
+    data) shift; target=(train_gpt.py); prepare_only=1 ;;
     preflight) shift; target=(-m tools.preflight) ;;
     benchmark) shift; target=(-m tools.benchmark) ;;
     *) target=(train_gpt.py) ;;
 esac
+
+per_task=""
+if [ -n "${SLURM_STEP_ID:-}" ]; then  # a task of srun: the job's layout says what torchrun would need
+    if [ -z "${MASTER_ADDR:-}" ]; then  # the job's first host: gpu-[a17,b03] and node[001-004] start a17, 001
+        prefix=${SLURM_JOB_NODELIST%%[\[,]*}
+        rest=${SLURM_JOB_NODELIST#"$prefix"}
+        MASTER_ADDR=$prefix
+        if [ "${rest:0:1}" = "[" ]; then inner=${rest#\[}; MASTER_ADDR=$prefix${inner%%[],-]*}; fi
+    fi
+    MASTER_PORT=${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}  # jobs sharing a node do not collide
+    export MASTER_ADDR MASTER_PORT
+    if [ "${SLURM_NTASKS:-1}" -gt "${SLURM_NNODES:-1}" ]; then
+        per_task=1
+        export RANK=${RANK:-$SLURM_PROCID} WORLD_SIZE=${WORLD_SIZE:-$SLURM_NTASKS} LOCAL_RANK=${LOCAL_RANK:-${SLURM_LOCALID:-0}}
+    else
+        NNODES=${NNODES:-${SLURM_NNODES:-1}}
+        NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+    fi
+elif [ "${SLURM_NNODES:-1}" -gt 1 ] && [ -z "${NNODES:-}" ] && [ -z "$prepare_only" ]; then
+    echo "run.sh: this Slurm job has $SLURM_NNODES nodes: start run.sh on each with srun (see slurm/record.sbatch)" >&2
+    exit 2
+fi
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -104,9 +134,16 @@ case " $* " in
     *" --preset"*) data=fineweb ;;
     *) if [ "$gpus" -gt 0 ]; then data=fineweb; else data=shakespeare; fi ;;
 esac
-case "${target[*]} $data" in
-    "train_gpt.py fineweb"|"train_gpt.py shakespeare"|"-m tools.preflight shakespeare") "$data" "$@" ;;
+case "${target[*]} $data" in  # one process at a time: tasks of one job may share the folder
+    "train_gpt.py fineweb"|"train_gpt.py shakespeare"|"-m tools.preflight shakespeare")
+        mkdir -p data
+        ( if command -v flock >/dev/null; then flock 9; fi; "$data" "$@" ) 9>data/.prepare.lock ;;
 esac
+[ -z "$prepare_only" ] || exit 0
+
+if [ -n "$per_task" ]; then  # srun started every process; torchrun has nothing to do
+    exec "$PYTHON" "${target[@]}" "$@"
+fi
 
 if [ "$nnodes" -gt 1 ]; then
     # Static rendezvous: ranks follow NODE_RANK, so rank 0 (the log and the checkpoints) is on node 0.
