@@ -77,9 +77,10 @@ esac
 
 per_task=""
 if [ -n "${SLURM_STEP_ID:-}" ]; then  # a task of srun: the job's layout says what torchrun would need
-    if [ -z "${MASTER_ADDR:-}" ]; then  # the job's first host: gpu-[a17,b03] and node[001-004] start a17, 001
-        prefix=${SLURM_JOB_NODELIST%%[\[,]*}
-        rest=${SLURM_JOB_NODELIST#"$prefix"}
+    if [ -z "${MASTER_ADDR:-}" ]; then  # the step's first host: gpu-[a17,b03] and node[001-004] start a17, 001
+        nodes=${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:?}}
+        prefix=${nodes%%[\[,]*}
+        rest=${nodes#"$prefix"}
         MASTER_ADDR=$prefix
         if [ "${rest:0:1}" = "[" ]; then inner=${rest#\[}; MASTER_ADDR=$prefix${inner%%[],-]*}; fi
     fi
@@ -98,7 +99,10 @@ elif [ "${SLURM_NNODES:-1}" -gt 1 ] && [ -z "${NNODES:-}" ] && [ -z "$prepare_on
 fi
 
 gpus=0
-if command -v nvidia-smi >/dev/null 2>&1; then
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then  # the GPUs this job or container was given, not all the node has
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    gpus=${#visible[@]}
+elif command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
 fi
 nproc=${NPROC_PER_NODE:-$gpus}
@@ -137,7 +141,11 @@ esac
 case "${target[*]} $data" in  # one process at a time: tasks of one job may share the folder
     "train_gpt.py fineweb"|"train_gpt.py shakespeare"|"-m tools.preflight shakespeare")
         mkdir -p data
-        ( if command -v flock >/dev/null; then flock 9; fi; "$data" "$@" ) 9>data/.prepare.lock ;;
+        if [ -w data ] && command -v flock >/dev/null; then  # where locks fail (some network filesystems), go on
+            ( flock 9 || true; "$data" "$@" ) 9>data/.prepare.lock
+        else
+            "$data" "$@"
+        fi ;;
 esac
 [ -z "$prepare_only" ] || exit 0
 

@@ -679,7 +679,8 @@ def build_optimizers(model, cfg, rank, world_size, device):
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint v1"
 # What a resumed run may change: paths, evaluation and execution, nothing that alters the updates.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_tokens", "val_every", "compile", "warmup_steps", "log_dir",
-                     "save_every", "resume", "sample_tokens", "hellaswag_every", "hellaswag_file", "muon_triton", "wandb_project",
+                     "save_every", "resume", "sample_tokens", "hellaswag_every", "hellaswag_file", "muon_triton",
+                     "wandb_project",
                      "micro_batch_size"}  # micro-batches, like processes, reorder sums
 
 
@@ -1156,6 +1157,20 @@ class Logger:
             f.write(text + "\n")
 
 
+def wandb_key_known():
+    """Whether wandb has a key without asking: in WANDB_API_KEY, or in ~/.netrc for its host, where `wandb login`
+    writes it. Without one, wandb.init would prompt at a terminal and wait."""
+    import netrc
+    import urllib.parse
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class Tracker:
     """Weights & Biases, when cfg.wandb_project names a project: rank 0 logs the config, then each step line's
     metrics, to a run named like the log folder. Tracking is optional: any failure of it is logged and ends
@@ -1168,6 +1183,9 @@ class Tracker:
 
     def start(self, cfg, run_dir):
         import wandb  # optional: only the runs that ask for tracking need it
+        if os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and not wandb_key_known():
+            raise RuntimeError("no W&B API key (`wandb login`, or WANDB_MODE=offline), and no prompt for one "
+                               "while the other ranks wait")
         self.run = wandb.init(project=cfg.wandb_project, name=Path(run_dir).name, dir=run_dir,
                               config=dataclasses.asdict(cfg))
 
@@ -1212,7 +1230,8 @@ def init_process():
     distributed = "RANK" in os.environ  # launched by torchrun
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # modulo: a launcher that shows each process only its own GPU (srun --gpus-per-task=1) still says LOCAL_RANK
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

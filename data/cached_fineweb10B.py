@@ -10,7 +10,6 @@ SHA-256 matches the hub's; manifest.json records it, and every run checks the sh
 it. HF_ENDPOINT points the download at another hub.
 """
 import argparse
-import errno
 import hashlib
 import http.client
 import importlib
@@ -32,24 +31,49 @@ HERE = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
-               errno.EISDIR}  # a write that cannot succeed by trying again
 
 
 def shard_names(n_train):
     return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, n_train + 1)]
 
 
-def network_errors():
-    """What a dropped or refused connection raises: OSError and http.client's errors for our GET, and the
-    transport errors of whichever HTTP library huggingface_hub runs on (httpx2, httpx or requests)."""
-    errors = [OSError, http.client.HTTPException]
+def transport_errors():
+    """What a dropped, refused or timed-out connection raises: the errors of urllib (our GET) and of
+    whichever HTTP library huggingface_hub runs on (httpx2, httpx or requests)."""
+    errors = [ConnectionError, TimeoutError, urllib.error.URLError, http.client.HTTPException]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
+
+
+def permanent(e):
+    """An HTTP answer that asking again will not change: 4xx but for timeouts and rate limits."""
+    status = getattr(e, "code", None) or getattr(getattr(e, "response", None), "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
+def with_retries(what, call, retries, backoff):
+    """call(), tried again after a transport error, retries times, 1, 2, 4 ... s apart (times backoff)."""
+    errors = transport_errors()
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except errors as e:
+            if permanent(e) or attempt == retries:
+                raise
+            tqdm.write(f"{what}: {type(e).__name__}, retrying in {backoff * 2 ** attempt:g} s", file=sys.stderr)
+            time.sleep(backoff * 2 ** attempt)
+
+
+def first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['-'])[0]}"
+
+
+def attempts(retries):
+    return f"{retries + 1} attempt{'s' * (retries > 0)}"
 
 
 def sha256(path):
@@ -68,14 +92,20 @@ class Hub:
 
     def metadata(self, name):
         """(url, size, sha256, commit) of a file, sha256 None when the hub's ETag is not one; UserError when
-        the hub has no such file."""
+        the hub has no such file, or will not give it."""
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError,
+                                            RevisionNotFoundError)
         url = hf_hub_url(self.repo_id, name, repo_type="dataset")
         try:
             meta = get_hf_file_metadata(url)
-        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        except (EntryNotFoundError, RevisionNotFoundError):
             raise UserError(f"{name}: no such file in the dataset {self.repo_id} on {endpoint()}") from None
+        except (GatedRepoError, RepositoryNotFoundError) as e:  # a gated, private or missing repository
+            raise UserError(f"{name}: {endpoint()} does not give the dataset {self.repo_id} ({type(e).__name__}): "
+                            f"no such dataset, or log in (`hf auth login`) with access to it") from None
+        if meta.size is None:
+            raise UserError(f"{name}: {endpoint()} gives no size for it: not a file this script can fetch")
         digest = (meta.etag or "").strip('"').removeprefix("W/").strip('"')  # an LFS file's ETag is its SHA-256
         return meta.location or url, meta.size, digest if SHA256.fullmatch(digest) else None, meta.commit_hash
 
@@ -95,39 +125,45 @@ def endpoint():
 
 
 def download(hub, name, path, retries, backoff=1.0):
-    """Fetch one shard into path through path.part, resuming what a run before left there; keep it only
-    if its SHA-256 matches the hub's. Returns that SHA-256."""
-    part = path.with_name(path.name + ".part")
-    errors = network_errors()
-    for attempt in range(retries + 1):
+    """Fetch one shard into path through path.part, resuming what a run before left there if the hub still
+    has the same file; keep it only if its SHA-256 matches the hub's. Returns that SHA-256."""
+    part, tag = path.with_name(path.name + ".part"), path.with_name(path.name + ".part.etag")
+    try:
+        url, size, digest, commit = with_retries(name, lambda: hub.metadata(name), retries, backoff)
+    except transport_errors() as e:
+        raise UserError(f"{name}: {endpoint()} did not answer after {attempts(retries)}: {first_line(e)}") from None
+    version = digest or commit or ""
+    if part.exists() and (part.stat().st_size > size or not tag.exists() or tag.read_text() != version):
+        part.unlink()  # left by a run for another version of the file, or longer than it: start again
+    tag.write_text(version)
+
+    def attempt():
+        have = part.stat().st_size if part.exists() else 0
+        if have == size:
+            return
         try:
-            url, size, digest, _ = hub.metadata(name)
-            have = part.stat().st_size if part.exists() else 0
-            if have > size:
+            response, ranged = hub.get(url, have)
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # the hub cannot serve from where the part ends: start again
                 part.unlink()
-                have = 0
-            if have < size:
-                response, ranged = hub.get(url, have)
-                with response, open(part, "ab" if ranged else "wb") as out, tqdm(
-                        total=size, initial=have if ranged else 0, desc=name, unit="B", unit_scale=True,
-                        leave=False) as bar:
-                    while block := response.read1(CHUNK):  # what has arrived, on disk at once: a kill loses none
-                        out.write(block)
-                        out.flush()
-                        bar.update(len(block))
-                if part.stat().st_size != size:
-                    raise http.client.IncompleteRead(b"", size - part.stat().st_size)
-            break
-        except errors as e:
-            if isinstance(e, OSError) and e.errno in DISK_ERRORS:
-                raise UserError(f"{part}: {e.strerror}: cannot write the shard") from None
-            if attempt == retries:
-                kept = f"; {part.stat().st_size:,} bytes kept in {part} for the next run" if part.exists() else ""
-                raise UserError(f"{name}: download from {endpoint()} failed after {retries + 1} attempts: "
-                                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else '-'}"
-                                f"{kept}") from None
-            tqdm.write(f"{name}: {type(e).__name__}, retrying in {backoff * 2 ** attempt:g} s", file=sys.stderr)
-            time.sleep(backoff * 2 ** attempt)
+            raise
+        with response, open(part, "ab" if ranged else "wb") as out, tqdm(
+                total=size, initial=have if ranged else 0, desc=name, unit="B", unit_scale=True, leave=False) as bar:
+            while block := response.read1(CHUNK):  # what has arrived goes to disk at once: a kill loses none
+                out.write(block)
+                out.flush()
+                bar.update(len(block))
+        if part.stat().st_size != size:
+            raise http.client.IncompleteRead(b"", size - part.stat().st_size)
+
+    try:
+        with_retries(name, attempt, retries, backoff)
+    except transport_errors() as e:
+        kept = f"; {part.stat().st_size:,} bytes kept in {part} for the next run" if part.exists() else ""
+        raise UserError(f"{name}: download from {endpoint()} failed after {attempts(retries)}: {first_line(e)}"
+                        f"{kept}") from None
+    except OSError as e:
+        raise UserError(f"{e.filename or part}: {e.strerror}: cannot write the shard") from None
     actual = sha256(part)
     if digest is None:
         tqdm.write(f"{name}: the hub gives no SHA-256 for it: only its size and header are checked", file=sys.stderr)
@@ -135,8 +171,13 @@ def download(hub, name, path, retries, backoff=1.0):
         part.unlink()
         raise UserError(f"{name}: SHA-256 {actual} differs from the hub's {digest}: the bytes are damaged; "
                         f"deleted, run again")
-    read_header(part)
+    try:
+        read_header(part)
+    except UserError:
+        part.unlink()
+        raise
     part.replace(path)
+    tag.unlink()
     return actual
 
 
@@ -158,7 +199,9 @@ def fetch(names, local_dir, hub, retries=5, backoff=1.0):
             actual = sha256(path)
             if actual == manifest.get(name):
                 continue
-            if name not in manifest and actual == hub.metadata(name)[2]:  # fetched before manifests existed
+            # a shard fetched before manifests existed: the hub's SHA-256 vouches for it
+            hubs = None if name in manifest else with_retries(name, lambda n=name: hub.metadata(n), retries, backoff)[2]
+            if actual == hubs:
                 manifest[name] = actual
             else:
                 tqdm.write(f"{path}: not the bytes the hub has, fetching it again", file=sys.stderr)
@@ -178,12 +221,16 @@ def main(argv=None):
     parser.add_argument("--dir", type=Path, default=HERE / "fineweb10B", help="where the shards go")
     parser.add_argument("--retries", type=int, default=5, help="attempts after a failed one, 1, 2, 4 ... s apart")
     args = parser.parse_args(argv)
+    if args.retries < 0:
+        parser.error("--retries must be 0 or more")
     try:
         fetched = fetch(shard_names(args.n_train), args.dir, Hub(), args.retries)
     except UserError as e:
         sys.exit(f"error: {e}")
-    except network_errors() as e:  # asking the hub about a shard already here, which is not retried
-        sys.exit(f"error: {endpoint()}: {type(e).__name__}: {e}")
+    except transport_errors() as e:  # the hub, asked about a shard already here
+        sys.exit(f"error: {endpoint()} did not answer after {attempts(args.retries)}: {first_line(e)}")
+    except OSError as e:  # this machine: the manifest, a shard being read
+        sys.exit(f"error: {e.filename}: {e.strerror}")
     print(f"{args.n_train + 1} shards ready in {args.dir} ({len(fetched)} downloaded, every one checked)")
 
 

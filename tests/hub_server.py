@@ -7,7 +7,8 @@ does, to what `hf_hub_download` and `get_hf_file_metadata` ask for.
         EntryNotFound for a file it does not have.
 
 Faults the tests set: `drops[name]`, byte counts after which the next GETs of that file close the
-connection; `lies[name]`, a SHA-256 it advertises instead of the true one; `delay`, seconds to sleep
+connection; `lies[name]`, a SHA-256 it advertises instead of the true one; `refuse`, an (HTTP status,
+X-Error-Code) it answers every request with, as the hub does a gated or private repository; `delay`, seconds to sleep
 after each 64 KiB sent. It counts what it sent: `sent[name]` bytes in all, and for every GET, in
 `gets`, [name, first byte, bytes sent].
 """
@@ -24,7 +25,7 @@ BLOCK = 1 << 16
 class Hub:
     def __init__(self, repo_id, files):
         self.repo_id, self.files = repo_id, dict(files)
-        self.drops, self.lies, self.delay = {}, {}, 0.0
+        self.drops, self.lies, self.delay, self.refuse = {}, {}, 0.0, None
         self.sent, self.gets = {}, []
         self.lock = threading.Lock()
         hub = self
@@ -50,10 +51,11 @@ class Hub:
     def respond(self, handler, body):
         m = re.fullmatch(rf"/datasets/{re.escape(self.repo_id)}/resolve/[^/]+/(.+)", handler.path.split("?")[0])
         name = m and m[1]
-        if name not in self.files:
-            handler.send_response(404)
-            handler.send_header("X-Error-Code", "EntryNotFound")
-            handler.send_header("X-Error-Message", "Entry not found")
+        if self.refuse or name not in self.files:
+            status, code = self.refuse or (404, "EntryNotFound")
+            handler.send_response(status)
+            handler.send_header("X-Error-Code", code)
+            handler.send_header("X-Error-Message", code)
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return

@@ -67,6 +67,16 @@ def test_fresh_download_then_nothing(hub, tmp_path):
     assert len(hub.gets) == gets  # not a byte more
 
 
+def test_shards_fetched_before_manifests_are_vouched_for_by_the_hub(hub, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in NAMES[:2]:
+        (out / name).write_bytes(hub.files[name])
+    result = fetch(hub.url, out, "1")
+    assert result.returncode == 0 and "(0 downloaded, every one checked)" in result.stdout
+    assert hub.gets == [] and sorted(json.loads((out / "manifest.json").read_text())) == NAMES[:2][::-1]
+
+
 def test_a_dropped_connection_resumes_where_it_broke(hub, tmp_path):
     name = NAMES[1]
     hub.drops[name] = [200_000]
@@ -110,6 +120,25 @@ def test_a_killed_downloader_is_resumed(hub, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert hub.gets[-1] == [name, kept, len(hub.files[name]) - kept]  # only what the first run did not keep
     assert (out / name).read_bytes() == hub.files[name]
+
+
+def test_a_part_of_another_version_of_the_file_is_not_continued(hub, tmp_path):
+    name, out = NAMES[0], tmp_path / "out"
+    hub.drops[name] = [100_000]
+    assert fetch(hub.url, out, "0", "--retries", "0").returncode == 1  # 100,000 bytes kept
+    old = hub.files[name]
+    hub.files[name] = old[:2000] + bytes(255 - b for b in old[2000:])  # the hub's file changes meanwhile
+    assert fetch(hub.url, out, "0").returncode == 0
+    assert (out / name).read_bytes() == hub.files[name] and hub.gets[-1] == [name, 0, len(old)]
+
+
+def test_a_hub_that_refuses_is_not_asked_again(hub, tmp_path):
+    hub.refuse = (401, "RepoNotFound")  # what the hub answers for a private repository without a token
+    started = time.time()
+    line = error_line(fetch(hub.url, tmp_path / "out", "0"))
+    assert line == (f"error: {NAMES[0]}: {hub.url} does not give the dataset {REPO} (RepositoryNotFoundError): no "
+                    f"such dataset, or log in (`hf auth login`) with access to it")
+    assert time.time() - started < 20 and hub.gets == []  # no retries with backoff
 
 
 def test_a_missing_shard_is_one_line(hub, tmp_path):
@@ -170,7 +199,7 @@ def test_a_hub_that_is_down_is_one_line_after_bounded_retries(tmp_path):
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
     started = time.time()
     line = error_line(fetch(url, tmp_path / "out", "0", "--retries", "2"))
-    assert line.startswith(f"error: fineweb_val_000000.bin: download from {url} failed after 3 attempts: ")
+    assert line.startswith(f"error: fineweb_val_000000.bin: {url} did not answer after 3 attempts: ")
     assert "Connect" in line and time.time() - started < 60
 
 

@@ -17,7 +17,8 @@ from tools.logs import parse_log, printed_log_path
 FAKE_PYTHON = """#!/bin/sh
 # stands for python: the import check passes; otherwise it prints what run.sh would have run, and with what
 [ "$1" = "-c" ] && exit 0
-echo "RANK=${RANK:-} WORLD_SIZE=${WORLD_SIZE:-} LOCAL_RANK=${LOCAL_RANK:-} MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-}"
+echo "RANK=${RANK:-} WORLD_SIZE=${WORLD_SIZE:-} LOCAL_RANK=${LOCAL_RANK:-} \
+MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-}"
 echo "ARGS $*"
 """
 
@@ -177,7 +178,8 @@ def test_the_batch_script_checkpoints_requeues_and_resumes(slurm, char_shards, t
     def wait_for(what, done, seconds=300):
         deadline = time.time() + seconds
         while not done():
-            assert time.time() < deadline, f"waited {seconds} s for {what}: {out.read_text()[-3000:] if out.exists() else ''}"
+            tail = out.read_text()[-3000:] if out.exists() else ""
+            assert time.time() < deadline, f"waited {seconds} s for {what}: {tail}"
             time.sleep(0.5)
 
     def queued():

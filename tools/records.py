@@ -129,7 +129,8 @@ def infer_track(run):
         return WIDTH_TRACKS.get(width, "gpt"), f"its config: FineWeb, model_dim {width}"
     counts = {math.prod(int(f) for f in v.split("*")) for v in VAL_TOKENS.findall(run.log.source)}
     if counts and counts != {TRACK_VAL_TOKENS}:
-        return None, f"val_tokens {' or '.join(map(str, sorted(counts)))} in its source, not the tracks' {TRACK_VAL_TOKENS}"
+        tokens = " or ".join(map(str, sorted(counts)))
+        return None, f"val_tokens {tokens} in its source, not the tracks' {TRACK_VAL_TOKENS}"
     widths = {int(w) for w in MODEL_WIDTH.findall(run.log.source)}
     how = f"model_dim {' or '.join(map(str, sorted(widths)))} in its source"
     if len(widths) == 1 and widths <= WIDTH_TRACKS.keys():
@@ -839,7 +840,8 @@ def reproduce(path, n_runs=1, out=ROOT / "logs" / "reproduce", say=print, dry_ru
     gap = new_mean - mean
     verdict = "within 2 std of the record" if abs(gap) <= 2 * std else "NOT within 2 std of the record"
     d = decimals([new_mean, mean], track.target)
-    say(f"new mean {track.metric} {new_mean:.{d}f} over {len(new_runs)} run(s); the record's: {mean:.{d}f} ± {std:.{d}f} "
+    say(f"new mean {track.metric} {new_mean:.{d}f} over {len(new_runs)} run(s); "
+        f"the record's: {mean:.{d}f} ± {std:.{d}f} "
         f"over {len(runs)} runs; difference {gap:+.4f}: {verdict}")
     recorded_hw, new_hw = {r.log.hardware for r in runs}, {r.log.hardware for r in new_runs}
     if recorded_hw != new_hw:
