@@ -50,9 +50,10 @@ def transport_errors():
 
 
 def permanent(e):
-    """An HTTP answer that asking again will not change: 4xx but for timeouts and rate limits."""
+    """An HTTP answer that asking again will not change: 4xx but for timeouts, rate limits and a range past the
+    end (the part is deleted then, and the next attempt starts from 0)."""
     status = getattr(e, "code", None) or getattr(getattr(e, "response", None), "status_code", None)
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 416, 429)
 
 
 def with_retries(what, call, retries, backoff):
