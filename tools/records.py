@@ -282,16 +282,20 @@ def one_track(runs, track=None):
 def significance(values, target, lower_is_better=True):
     """One-sided one-sample t-test that the mean is below the target (above it for accuracies).
     Returns (t, p)."""
-    from scipy import stats
     if len(values) < 2:
         raise RecordError(f"a t-test needs at least 2 runs, got {len(values)}")
-    if statistics.stdev(values) == 0:  # no spread: all that is left is which side of the target
-        beyond = values[0] < target if lower_is_better else values[0] > target
-        if not beyond:
+    return one_sample(*mean_std(values), len(values), target, lower_is_better)
+
+
+def one_sample(mean, std, n, target, lower_is_better):
+    """significance() from the mean and std of n runs: (t, p)."""
+    from scipy import stats
+    if std == 0:  # no spread: all that is left is which side of the target
+        if not (mean < target if lower_is_better else mean > target):
             return math.nan, 1.0
         return (-math.inf if lower_is_better else math.inf), 0.0
-    result = stats.ttest_1samp(values, target, alternative="less" if lower_is_better else "greater")
-    return float(result.statistic), float(result.pvalue)
+    t = (mean - target) / (std / math.sqrt(n))
+    return t, float(stats.t.cdf(t, n - 1) if lower_is_better else stats.t.sf(t, n - 1))
 
 
 def welch(a, b, alternative):
@@ -305,15 +309,6 @@ def welch(a, b, alternative):
         return (math.copysign(math.inf, mb - ma) if mb != ma else math.nan), 0.0 if hit else 1.0
     result = stats.ttest_ind_from_stats(mb, sb, nb, ma, sa, na, equal_var=False, alternative=alternative)
     return float(result.statistic), float(result.pvalue)
-
-
-def target_p(mean, std, n, target, lower_is_better):
-    """The one-sided p of significance() from a mean and std over n runs."""
-    from scipy import stats
-    if std == 0:
-        return 0.0 if (mean < target if lower_is_better else mean > target) else 1.0
-    t = (mean - target) / (std / math.sqrt(n))
-    return float(stats.t.cdf(t, n - 1) if lower_is_better else stats.t.sf(t, n - 1))
 
 
 def runs_to_settle(p_after, limit=1000):
@@ -478,7 +473,7 @@ def compare(a, b, target=None, say=print):
             reasons.append((f"B's mean {name} {rb[0]:.{d}f} misses {target:.10g}: more runs will not make it meet it",
                             False))
         else:
-            k = runs_to_settle(lambda k: target_p(*rb, len(b.runs) + k, target, track.lower_is_better))
+            k = runs_to_settle(lambda k: one_sample(*rb, len(b.runs) + k, target, track.lower_is_better)[1])
             reasons.append((f"B's mean {name} meets {target:.10g} at p = {p_target:.3g}, not below {ALPHA}: "
                             + (f"about {more_runs(k)} of B would settle it" if k else
                                "not even 1000 more runs of B would settle it"), bool(k)))
