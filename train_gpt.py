@@ -257,6 +257,15 @@ def bad_shard(path, problem):
     return UserError(f"{path}: {problem}{hint}")
 
 
+def file_sha256(path):
+    """A file's SHA-256, read a MiB at a time: what the FineWeb download and the preflight check shards by."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_header(path):
     """Check a shard's header against its size; return its token count."""
     size = os.path.getsize(path)

@@ -10,7 +10,6 @@ SHA-256 matches the hub's; manifest.json records it, and every run checks the sh
 it. HF_ENDPOINT points the download at another hub.
 """
 import argparse
-import hashlib
 import http.client
 import importlib
 import json
@@ -24,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import UserError, read_header  # noqa: E402
+from train_gpt import UserError, file_sha256, read_header  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 HERE = Path(__file__).resolve().parent
@@ -75,14 +74,6 @@ def first_line(e):
 
 def attempts(retries):
     return f"{retries + 1} attempt{'s' * (retries > 0)}"
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Hub:
@@ -165,7 +156,7 @@ def download(hub, name, path, retries, backoff=1.0):
                         f"{kept}") from None
     except OSError as e:
         raise UserError(f"{e.filename or part}: {e.strerror}: cannot write the shard") from None
-    actual = sha256(part)
+    actual = file_sha256(part)
     if digest is None:
         tqdm.write(f"{name}: the hub gives no SHA-256 for it: only its size and header are checked", file=sys.stderr)
     elif actual != digest:
@@ -197,7 +188,7 @@ def fetch(names, local_dir, hub, retries=5, backoff=1.0):
     for name in tqdm(names, desc="shards", unit="shard"):
         path = local_dir / name
         if path.exists():
-            actual = sha256(path)
+            actual = file_sha256(path)
             if actual == manifest.get(name):
                 continue
             # a shard fetched before manifests existed: the hub's SHA-256 vouches for it

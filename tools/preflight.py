@@ -23,7 +23,6 @@ preset small enough for the CPU.
 import dataclasses
 import gc
 import glob
-import hashlib
 import json
 import math
 import os
@@ -104,12 +103,9 @@ def check_digests(files, details):
         if recorded is None:
             details.append(f"{path}: no SHA-256 recorded in {manifest}: its content is not checked")
             continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        if digest.hexdigest() != recorded:
-            raise train_gpt.bad_shard(path, f"SHA-256 {digest.hexdigest()} differs from the hub's {recorded}, "
+        digest = train_gpt.file_sha256(path)
+        if digest != recorded:
+            raise train_gpt.bad_shard(path, f"SHA-256 {digest} differs from the hub's {recorded}, "
                                             f"recorded in {manifest} at download: damaged since")
         details.append(f"{path}: SHA-256 matches the hub's")
 
