@@ -72,6 +72,11 @@ class Config:
     mlp_ratio: int = 4
     window: int = 1024  # attention reaches back at most this many tokens (Nov-2024 record)
     logit_cap: float = 30.0  # logits = cap * tanh(logits / cap)
+    value_embeds: int = 0  # EXP
+    attn_scale: float = 0.0  # EXP
+    no_attn_layer: int = -1  # EXP
+    mtp_weight: float = 0.0  # EXP
+    window_start: int = 0  # EXP
     # optimizer: Muon for the matrices inside the blocks, Adam for everything else
     optimizer: str = "muon"  # or "adamw": AdamW for those matrices too, the baseline Muon is judged against
     steps: int = 1875
@@ -82,6 +87,10 @@ class Config:
     muon_momentum_start: float = 0.85  # warmed up linearly to muon_momentum ...
     muon_momentum_warmup: int = 500  # ... over this many steps
     ns_steps: int = 5  # Newton-Schulz iterations
+    polar_express: bool = False  # EXP
+    normuon: bool = False  # EXP
+    muon_cautious: bool = False  # EXP
+    lr_floor: float = 0.0  # EXP
     # Moonlight's Muon for long runs, off in the record: decoupled weight decay (W *= 1 - lr * wd), and
     # updates scaled to RMS 0.2 (0.2 * sqrt(max(rows, cols))) like AdamW's, so AdamW's lr and wd carry over
     muon_weight_decay: float = 0.0
@@ -401,13 +410,13 @@ def attention_mask(tokens, eot_token, window, flex):
     return mask_mod(b, 0, idx.view(T, 1), idx)  # broadcasts to (B, 1, T, T)
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, scale=None):
     if isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask)
+        return flex_attention(q, k, v, block_mask=mask, scale=scale)
     # CPU: with the math backend (batched matmuls, masked softmax fused by torch.compile) a training
     # step ran ~1.5x faster than with the flash kernel, whose backward is slow for small heads.
     with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class CastedLinear(nn.Linear):
@@ -446,20 +455,26 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         dim, self.head_dim = cfg.model_dim, cfg.head_dim
+        self.scale = cfg.attn_scale or None
         self.q, self.k, self.v = (CastedLinear(dim, dim) for _ in range(3))
         self.proj = CastedLinear(dim, dim, zero_init=True)
         # value residual: the share of the first block's v (which in the first block is v itself,
         # so there this weight never gets a gradient)
         self.value_mix = nn.Parameter(torch.tensor(0.5))
+        self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x, v_first, mask, rope):
+    def forward(self, x, v_first, mask, rope, ve=None, value_embeds=False):
         B, T, dim = x.shape
         q, k, v = (layer(x).view(B, T, -1, self.head_dim) for layer in (self.q, self.k, self.v))
-        if v_first is None:
-            v_first = v
-        v = (1 - self.value_mix) * v + self.value_mix * v_first
+        if value_embeds:
+            if ve is not None:
+                v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
+        else:
+            if v_first is None:
+                v_first = v
+            v = (1 - self.value_mix) * v + self.value_mix * v_first
         q, k = rotate(norm(q), rope), rotate(norm(k), rope)  # QK-norm keeps attention logits tame
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, dim)), v_first
 
 
@@ -474,15 +489,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, attn=True):
         super().__init__()
-        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.attn, self.mlp = Attention(cfg) if attn else None, MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the stream and x0
+        self.value_embeds = cfg.value_embeds > 0
 
-    def forward(self, x, x0, v_first, mask, rope):
+    def forward(self, x, x0, v_first, mask, rope, ve=None):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        y, v_first = self.attn(norm(x), v_first, mask, rope)
-        x = x + y
+        if self.attn is not None:
+            y, v_first = self.attn(norm(x), v_first, mask, rope, ve, self.value_embeds)
+            x = x + y
         return x + self.mlp(norm(x)), v_first
 
 
@@ -493,7 +510,11 @@ class GPT(nn.Module):
         self.dtype = getattr(torch, cfg.dtype)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i != cfg.no_attn_layer) for i in range(cfg.n_layer))
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(cfg.value_embeds))
+        self.mtp_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True) if cfg.mtp_weight else None
+        self.register_buffer("mtp_scale", torch.tensor(1.0), persistent=False)
+        self.register_buffer("window", torch.tensor(cfg.window), persistent=False)
         # U-net: the first half of the blocks hand their outputs, last first, to the second half
         self.n_encoder = cfg.n_layer // 2
         self.skip_weights = nn.Parameter(torch.ones(self.n_encoder))
@@ -504,41 +525,58 @@ class GPT(nn.Module):
         targets the logits of the next token, (B, vocab_size). flex=False takes the dense attention path,
         for evaluation and sampling on inputs of any shape."""
         cfg = self.cfg
-        mask = attention_mask(idx, cfg.eot_token, cfg.window, self.flex if flex is None else flex)
+        mask = attention_mask(idx, cfg.eot_token, self.window if cfg.window_start else cfg.window,
+                              self.flex if flex is None else flex)
+        k = len(self.value_embeds)
+        ves = [table(idx).to(self.dtype) for table in self.value_embeds]
+        ves = ves + [None] * (cfg.n_layer - 2 * k) + ves if k else [None] * cfg.n_layer
         rope = self.rotary(idx.size(1), self.dtype)
         x = x0 = norm(self.embed(idx).to(self.dtype))
         v_first, skips = None, []
         for i, block in enumerate(self.blocks):
             if i >= self.n_encoder and skips:
                 x = x + self.skip_weights[i - self.n_encoder] * skips.pop()
-            x, v_first = block(x, x0, v_first, mask, rope)
+            x, v_first = block(x, x0, v_first, mask, rope, ves[i])
             if i < self.n_encoder:
                 skips.append(x)
         if targets is None:
             x = x[:, -1]
-        logits = self.lm_head(norm(x)).float()
+        x = norm(x)
+        logits = self.lm_head(x).float()
         logits = cfg.logit_cap * torch.tanh(logits / cfg.logit_cap)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        if self.mtp_head is not None and self.training:
+            logits2 = self.mtp_head(x[:, :-1]).float()
+            logits2 = cfg.logit_cap * torch.tanh(logits2 / cfg.logit_cap)
+            loss = loss + self.mtp_scale * F.cross_entropy(logits2.reshape(-1, logits2.size(-1)), targets[:, 1:].reshape(-1))
+        return loss
 
 
 # ----------------------------------------------------------------------------- optimizer
 
-def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True):
+POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True, polar_express=False):
     """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' in ~[0.7, 1.2].
 
     A quintic iteration whose coefficients (Muon write-up) push every singular value of the
     Frobenius-normalised input towards 1 as fast as possible, trading exactness for speed. Its two
     symmetric products go through the Triton kernel on CUDA, unless triton_gram is off."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    coefficients = POLAR_EXPRESS[:steps] if polar_express else [(3.4445, -4.7750, 2.0315)] * steps
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.02 if polar_express else 1) + 1e-7)
     kernel = triton_gram and kernels.gram_by_kernel(X)
-    for _ in range(steps):
+    for a, b, c in coefficients:
         A = kernels.gram(X) if kernel else X @ X.mT
         B = b * A + (c * kernels.gram(A) if kernel else c * A @ A)  # A is symmetric: A @ A = A @ A^T
         X = a * X + B @ X
@@ -561,7 +599,8 @@ class Muon(torch.optim.Optimizer):
     of about 0.2, as AdamW's typically has. weight_decay is decoupled: W *= 1 - lr * weight_decay."""
 
     def __init__(self, params, lr, momentum, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
-                 weight_decay=0.0, rms_match=False, triton_gram=True, rank=0, world_size=1):
+                 weight_decay=0.0, rms_match=False, triton_gram=True, rank=0, world_size=1, polar_express=False,
+                 normuon=False, cautious=False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == s]} for s in shapes]
@@ -569,6 +608,7 @@ class Muon(torch.optim.Optimizer):
                                       weight_decay=weight_decay))
         self.ns_dtype, self.rms_match, self.triton_gram = ns_dtype, rms_match, triton_gram
         self.rank, self.world_size = rank, world_size
+        self.polar_express, self.normuon, self.cautious = polar_express, normuon, cautious
 
     def share(self, params):
         """This rank's slice of a group, (start, length): ceil(len / world_size), so the last rank may
@@ -598,8 +638,18 @@ class Muon(torch.optim.Optimizer):
                     grads = torch._foreach_add(grads, bufs, alpha=mu)
                 else:
                     grads = bufs
-                updates[lo:lo + len(mine)] = newton_schulz(torch.stack(grads), group["ns_steps"],
-                                                           self.ns_dtype, self.triton_gram)
+                orth = newton_schulz(torch.stack(grads), group["ns_steps"], self.ns_dtype, self.triton_gram,
+                                     self.polar_express)
+                if self.normuon:
+                    st = self.state[mine[0]]
+                    sq = orth.float().square().mean(dim=-1, keepdim=True)
+                    if "neuron_moment" not in st:
+                        st["neuron_moment"] = torch.zeros_like(sq)
+                    st["neuron_moment"].lerp_(sq, 1 - 0.95)
+                    before = orth.float().norm(dim=(-2, -1), keepdim=True)
+                    normed = orth.float() / (st["neuron_moment"].sqrt() + 1e-10)
+                    orth = (normed * (before / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).to(orth.dtype)
+                updates[lo:lo + len(mine)] = orth
             work = None
             if self.world_size > 1:
                 work = all_gather_single(updates, updates[lo:lo + share], async_op=True)
@@ -611,7 +661,10 @@ class Muon(torch.optim.Optimizer):
             rows, cols = params[0].shape
             # an orthogonal rows x cols matrix has RMS 1 / sqrt(max(rows, cols))
             scale = 0.2 * max(rows, cols) ** 0.5 if self.rms_match else max(1.0, rows / cols) ** 0.5
-            if group["weight_decay"]:
+            if group["weight_decay"] and self.cautious:
+                for p, u in zip(params, updates[:len(params)].unbind(0)):
+                    p.sub_(group["lr"] * group["weight_decay"] * p * ((u.float() * p) > 0))
+            elif group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, list(updates[:len(params)].float().unbind(0)),
                                 alpha=-group["lr"] * scale)
@@ -652,7 +705,7 @@ def lr_factor(step, cfg):
     """A linear warm-up over lr_warmup_steps, constant, then a linear cooldown to zero over the
     last cooldown_steps."""
     left = cfg.steps - step
-    factor = 1.0 if left >= cfg.cooldown_steps else left / cfg.cooldown_steps
+    factor = 1.0 if left >= cfg.cooldown_steps else cfg.lr_floor + (1 - cfg.lr_floor) * left / cfg.cooldown_steps
     return min(factor, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else factor
 
 
@@ -664,8 +717,9 @@ def muon_momentum(step, cfg):
 def build_optimizers(model, cfg, rank, world_size, device):
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     scalars = [p for p in model.parameters() if p.ndim < 2]
-    groups = [dict(params=[model.embed.weight], lr=cfg.embed_lr),
-              dict(params=[model.lm_head.weight], lr=cfg.head_lr),
+    groups = [dict(params=[model.embed.weight, *(t.weight for t in model.value_embeds)], lr=cfg.embed_lr),
+              dict(params=[model.lm_head.weight] + ([model.mtp_head.weight] if model.mtp_head is not None else []),
+                   lr=cfg.head_lr),
               dict(params=scalars, lr=cfg.scalar_lr)]
     if cfg.optimizer == "adamw":
         groups.append(dict(params=matrices, lr=cfg.adamw_lr, weight_decay=cfg.weight_decay))
@@ -676,7 +730,8 @@ def build_optimizers(model, cfg, rank, world_size, device):
         optimizers.append(Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum_start,
                                ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.dtype),
                                weight_decay=cfg.muon_weight_decay, rms_match=cfg.muon_rms_match,
-                               triton_gram=cfg.muon_triton, rank=rank, world_size=world_size))
+                               triton_gram=cfg.muon_triton, rank=rank, world_size=world_size,
+                               polar_express=cfg.polar_express, normuon=cfg.normuon, cautious=cfg.muon_cautious))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -924,6 +979,12 @@ def train_step(step, batches, cfg, ddp_model, optimizers, world_size, sigterm=No
             group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
     for group in (g for opt in optimizers if isinstance(opt, Muon) for g in opt.param_groups):
         group["momentum"] = muon_momentum(step, cfg)
+    raw = getattr(ddp_model, "_orig_mod", ddp_model)
+    if cfg.mtp_weight:
+        raw.mtp_scale.fill_(cfg.mtp_weight * (1 - step / cfg.steps))
+    if cfg.window_start:
+        frac = step / cfg.steps
+        raw.window.fill_(min(cfg.window, 16 * int((cfg.window_start + frac * (cfg.window - cfg.window_start)) / 16)))
     device = batches[0][0].device
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
