@@ -65,6 +65,8 @@ class Config:
     seq_len: int = 65536  # tokens per sequence; documents are packed and separated by the mask
     batch_size: int = 8  # sequences per optimizer step, over all processes
     micro_batch_size: int = 1  # sequences per forward pass; the rest is gradient accumulation
+    batch_size_start: int = 0  # EXP sequences per step over the first batch_rampup_steps
+    batch_rampup_steps: int = 0  # EXP
     # model
     n_layer: int = 12
     model_dim: int = 768
@@ -73,10 +75,7 @@ class Config:
     window: int = 1024  # attention reaches back at most this many tokens (Nov-2024 record)
     logit_cap: float = 30.0  # logits = cap * tanh(logits / cap)
     value_embeds: int = 0  # EXP
-    attn_scale: float = 0.0  # EXP
-    no_attn_layer: int = -1  # EXP
     mtp_weight: float = 0.0  # EXP
-    window_start: int = 0  # EXP
     # optimizer: Muon for the matrices inside the blocks, Adam for everything else
     optimizer: str = "muon"  # or "adamw": AdamW for those matrices too, the baseline Muon is judged against
     steps: int = 1875
@@ -89,8 +88,6 @@ class Config:
     ns_steps: int = 5  # Newton-Schulz iterations
     polar_express: bool = False  # EXP
     normuon: bool = False  # EXP
-    muon_cautious: bool = False  # EXP
-    lr_floor: float = 0.0  # EXP
     # Moonlight's Muon for long runs, off in the record: decoupled weight decay (W *= 1 - lr * wd), and
     # updates scaled to RMS 0.2 (0.2 * sqrt(max(rows, cols))) like AdamW's, so AdamW's lr and wd carry over
     muon_weight_decay: float = 0.0
@@ -327,18 +324,20 @@ class TrainLoader:
         self.shard, self.pos = 0, 0
         self.tokens = read_shard(self.files[0], cfg.vocab_size)
 
-    def next_batches(self):
+    def next_batches(self, batch_size=None):
         """The (inputs, targets) micro-batches this rank accumulates over in the next step."""
         cfg = self.cfg
-        span = cfg.batch_size * cfg.seq_len
+        batch_size = batch_size or cfg.batch_size
+        span = batch_size * cfg.seq_len
         if self.pos + span + 1 > len(self.tokens):
             self.shard, self.pos = (self.shard + 1) % len(self.files), 0
             self.tokens = read_shard(self.files[self.shard], cfg.vocab_size)
         buf = torch.from_numpy(self.tokens[self.pos:self.pos + span + 1].astype(np.int64))
         self.pos += span
-        micro = cfg.micro_batch_size * cfg.seq_len
+        micro_size = min(cfg.micro_batch_size, batch_size // self.world_size)
+        micro = micro_size * cfg.seq_len
         return [split_micro_batch(buf[j * micro:(j + 1) * micro + 1].to(self.device, non_blocking=True), cfg)
-                for j in range(self.rank, cfg.batch_size // cfg.micro_batch_size, self.world_size)]
+                for j in range(self.rank, batch_size // micro_size, self.world_size)]
 
     def state_dict(self):  # the same on every rank
         return {"shard": self.shard, "pos": self.pos, "files": [Path(f).name for f in self.files]}
@@ -410,13 +409,13 @@ def attention_mask(tokens, eot_token, window, flex):
     return mask_mod(b, 0, idx.view(T, 1), idx)  # broadcasts to (B, 1, T, T)
 
 
-def attend(q, k, v, mask, scale=None):
+def attend(q, k, v, mask):
     if isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask, scale=scale)
+        return flex_attention(q, k, v, block_mask=mask)
     # CPU: with the math backend (batched matmuls, masked softmax fused by torch.compile) a training
     # step ran ~1.5x faster than with the flash kernel, whose backward is slow for small heads.
     with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class CastedLinear(nn.Linear):
@@ -455,8 +454,9 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         dim, self.head_dim = cfg.model_dim, cfg.head_dim
-        self.scale = cfg.attn_scale or None
-        self.q, self.k, self.v = (CastedLinear(dim, dim) for _ in range(3))
+        # q, k and v by one matmul; Muon orthogonalises the three dim x dim matrices one by one, as if apart.
+        # Initialised as nn.Linear would each: uniform in +-1/sqrt(dim).
+        self.qkv = nn.Parameter(torch.empty(3, dim, dim).uniform_(-dim ** -0.5, dim ** -0.5))
         self.proj = CastedLinear(dim, dim, zero_init=True)
         # value residual: the share of the first block's v (which in the first block is v itself,
         # so there this weight never gets a gradient)
@@ -465,7 +465,7 @@ class Attention(nn.Module):
 
     def forward(self, x, v_first, mask, rope, ve=None, value_embeds=False):
         B, T, dim = x.shape
-        q, k, v = (layer(x).view(B, T, -1, self.head_dim) for layer in (self.q, self.k, self.v))
+        q, k, v = F.linear(x, self.qkv.flatten(0, 1).to(x.dtype)).view(B, T, 3, -1, self.head_dim).unbind(2)
         if value_embeds:
             if ve is not None:
                 v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
@@ -474,7 +474,7 @@ class Attention(nn.Module):
                 v_first = v
             v = (1 - self.value_mix) * v + self.value_mix * v_first
         q, k = rotate(norm(q), rope), rotate(norm(k), rope)  # QK-norm keeps attention logits tame
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, dim)), v_first
 
 
@@ -489,17 +489,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, attn=True):
+    def __init__(self, cfg):
         super().__init__()
-        self.attn, self.mlp = Attention(cfg) if attn else None, MLP(cfg)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the stream and x0
         self.value_embeds = cfg.value_embeds > 0
 
     def forward(self, x, x0, v_first, mask, rope, ve=None):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        if self.attn is not None:
-            y, v_first = self.attn(norm(x), v_first, mask, rope, ve, self.value_embeds)
-            x = x + y
+        y, v_first = self.attn(norm(x), v_first, mask, rope, ve, self.value_embeds)
+        x = x + y
         return x + self.mlp(norm(x)), v_first
 
 
@@ -510,11 +509,11 @@ class GPT(nn.Module):
         self.dtype = getattr(torch, cfg.dtype)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len)
-        self.blocks = nn.ModuleList(Block(cfg, i != cfg.no_attn_layer) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(cfg.value_embeds))
         self.mtp_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True) if cfg.mtp_weight else None
         self.register_buffer("mtp_scale", torch.tensor(1.0), persistent=False)
-        self.register_buffer("window", torch.tensor(cfg.window), persistent=False)
+
         # U-net: the first half of the blocks hand their outputs, last first, to the second half
         self.n_encoder = cfg.n_layer // 2
         self.skip_weights = nn.Parameter(torch.ones(self.n_encoder))
@@ -525,8 +524,7 @@ class GPT(nn.Module):
         targets the logits of the next token, (B, vocab_size). flex=False takes the dense attention path,
         for evaluation and sampling on inputs of any shape."""
         cfg = self.cfg
-        mask = attention_mask(idx, cfg.eot_token, self.window if cfg.window_start else cfg.window,
-                              self.flex if flex is None else flex)
+        mask = attention_mask(idx, cfg.eot_token, cfg.window, self.flex if flex is None else flex)
         k = len(self.value_embeds)
         ves = [table(idx).to(self.dtype) for table in self.value_embeds]
         ves = ves + [None] * (cfg.n_layer - 2 * k) + ves if k else [None] * cfg.n_layer
@@ -556,6 +554,12 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------- optimizer
 
+# Newton-Schulz's (a, b, c) in X <- a X + b (X X^T) X + c (X X^T)^2 X. Muon's one quintic, used at every
+# iteration, pushes every singular value of the normalised input towards 1 as fast as possible and
+# leaves them in ~[0.7, 1.2]. Polar Express (Amsel et al. 2025) takes a minimax-optimal quintic per
+# iteration for the interval that the singular values are known to lie in by then; five of them (its
+# published ones, for inputs scaled down by a 2% safety margin) end much closer to 1, for the same work.
+MUON_QUINTIC = (3.4445, -4.7750, 2.0315)
 POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -564,13 +568,12 @@ POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
 
 
 def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True, polar_express=False):
-    """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' in ~[0.7, 1.2].
+    """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' near 1.
 
-    A quintic iteration whose coefficients (Muon write-up) push every singular value of the
-    Frobenius-normalised input towards 1 as fast as possible, trading exactness for speed. Its two
-    symmetric products go through the Triton kernel on CUDA, unless triton_gram is off."""
-    coefficients = POLAR_EXPRESS[:steps] if polar_express else [(3.4445, -4.7750, 2.0315)] * steps
-    X = G.to(dtype)
+    The two symmetric products of each iteration go through the Triton kernel on CUDA, unless
+    triton_gram is off. Polar Express repeats its last quintic past five steps."""
+    coefficients = (POLAR_EXPRESS + POLAR_EXPRESS[-1:] * steps)[:steps] if polar_express else [MUON_QUINTIC] * steps
+    X = G.to(dtype).reshape(-1, *G.shape[-2:])  # one batch dimension, for baddbmm
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
@@ -578,9 +581,10 @@ def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True, polar_expr
     kernel = triton_gram and kernels.gram_by_kernel(X)
     for a, b, c in coefficients:
         A = kernels.gram(X) if kernel else X @ X.mT
-        B = b * A + (c * kernels.gram(A) if kernel else c * A @ A)  # A is symmetric: A @ A = A @ A^T
-        X = a * X + B @ X
-    return X.mT if tall else X
+        # A is symmetric: A @ A = A @ A^T; fused multiply-adds save passes over memory
+        B = b * A + c * kernels.gram(A) if kernel else torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return (X.mT if tall else X).reshape(G.shape)
 
 
 # torch 2.13 renamed all_gather_into_tensor, deprecated there, to all_gather_single; 2.11 has the old name
@@ -600,7 +604,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
                  weight_decay=0.0, rms_match=False, triton_gram=True, rank=0, world_size=1, polar_express=False,
-                 normuon=False, cautious=False):
+                 normuon=False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == s]} for s in shapes]
@@ -608,7 +612,21 @@ class Muon(torch.optim.Optimizer):
                                       weight_decay=weight_decay))
         self.ns_dtype, self.rms_match, self.triton_gram = ns_dtype, rms_match, triton_gram
         self.rank, self.world_size = rank, world_size
-        self.polar_express, self.normuon, self.cautious = polar_express, normuon, cautious
+        self.polar_express, self.normuon = polar_express, normuon
+
+    def normalise_neurons(self, params, orth):
+        """NorMuon: divide each row (output neuron) of the orthogonalised updates by the running RMS of
+        its entries (beta2 0.95), then rescale each matrix to its Frobenius norm before."""
+        for p in params:
+            if "neuron_moment" not in self.state[p]:
+                self.state[p]["neuron_moment"] = torch.zeros(*p.shape[:-1], 1, device=p.device)
+        moments = [self.state[p]["neuron_moment"] for p in params]
+        stacked = torch.stack(moments).lerp_(orth.float().square().mean(-1, keepdim=True), 1 - 0.95)
+        torch._foreach_copy_(moments, stacked.unbind(0))
+        normed = orth.float() / (stacked.sqrt() + 1e-10)
+        # a zero update (the first step's, behind a zero-initialised projection) stays zero
+        scale = orth.float().norm(dim=(-2, -1), keepdim=True) / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+        return (normed * scale).to(orth.dtype)
 
     def share(self, params):
         """This rank's slice of a group, (start, length): ceil(len / world_size), so the last rank may
@@ -623,8 +641,7 @@ class Muon(torch.optim.Optimizer):
             params, mu = group["params"], group["momentum"]
             lo, share = self.share(params)
             mine = params[lo:lo + share]
-            rows, cols = params[0].shape
-            updates = torch.zeros(share * self.world_size, rows, cols, dtype=self.ns_dtype,
+            updates = torch.zeros(share * self.world_size, *params[0].shape, dtype=self.ns_dtype,
                                   device=params[0].device)
             if mine:
                 grads = [p.grad for p in mine]
@@ -641,14 +658,7 @@ class Muon(torch.optim.Optimizer):
                 orth = newton_schulz(torch.stack(grads), group["ns_steps"], self.ns_dtype, self.triton_gram,
                                      self.polar_express)
                 if self.normuon:
-                    st = self.state[mine[0]]
-                    sq = orth.float().square().mean(dim=-1, keepdim=True)
-                    if "neuron_moment" not in st:
-                        st["neuron_moment"] = torch.zeros_like(sq)
-                    st["neuron_moment"].lerp_(sq, 1 - 0.95)
-                    before = orth.float().norm(dim=(-2, -1), keepdim=True)
-                    normed = orth.float() / (st["neuron_moment"].sqrt() + 1e-10)
-                    orth = (normed * (before / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).to(orth.dtype)
+                    orth = self.normalise_neurons(mine, orth)
                 updates[lo:lo + len(mine)] = orth
             work = None
             if self.world_size > 1:
@@ -658,54 +668,66 @@ class Muon(torch.optim.Optimizer):
             if work is not None:
                 work.wait()
             params = group["params"]
-            rows, cols = params[0].shape
+            rows, cols = params[0].shape[-2:]
             # an orthogonal rows x cols matrix has RMS 1 / sqrt(max(rows, cols))
             scale = 0.2 * max(rows, cols) ** 0.5 if self.rms_match else max(1.0, rows / cols) ** 0.5
-            if group["weight_decay"] and self.cautious:
-                for p, u in zip(params, updates[:len(params)].unbind(0)):
-                    p.sub_(group["lr"] * group["weight_decay"] * p * ((u.float() * p) > 0))
-            elif group["weight_decay"]:
+            if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, list(updates[:len(params)].float().unbind(0)),
                                 alpha=-group["lr"] * scale)
 
+    def buffer_shapes(self):
+        """Each state buffer's name and its shape for a parameter of a given shape."""
+        shapes = {"momentum_buffer": lambda shape: shape}
+        if self.normuon:
+            shapes["neuron_moment"] = lambda shape: (*shape[:-1], 1)
+        return shapes
+
     @torch.no_grad()
-    def momentum_buffers(self):
-        """Every parameter's momentum (zeros before its first step), gathered from the ranks that own
-        them: a checkpoint holds the whole state, whatever the number of processes. Collective."""
-        buffers = []
-        for group in self.param_groups:
-            params = group["params"]
-            lo, share = self.share(params)
-            local = torch.zeros(share, *params[0].shape, device=params[0].device)
-            for i, p in enumerate(params[lo:lo + share]):
-                if "momentum_buffer" in self.state[p]:
-                    local[i] = self.state[p]["momentum_buffer"]
-            full = local
-            if self.world_size > 1:
-                full = torch.empty(share * self.world_size, *params[0].shape, device=local.device)
-                all_gather_single(full, local)
-            buffers.extend(full[:len(params)].cpu().unbind(0))
+    def buffers(self):
+        """{name: every parameter's buffer} (zeros before its first step), gathered from the ranks that
+        own them: a checkpoint holds the whole state, whatever the number of processes. Collective."""
+        buffers = {}
+        for name, shape_of in self.buffer_shapes().items():
+            buffers[name] = []
+            for group in self.param_groups:
+                params = group["params"]
+                lo, share = self.share(params)
+                shape = shape_of(params[0].shape)
+                local = torch.zeros(share, *shape, device=params[0].device)
+                for i, p in enumerate(params[lo:lo + share]):
+                    if name in self.state[p]:
+                        local[i] = self.state[p][name]
+                full = local
+                if self.world_size > 1:
+                    full = torch.empty(share * self.world_size, *shape, device=local.device)
+                    all_gather_single(full, local)
+                buffers[name].extend(full[:len(params)].cpu().unbind(0))
         return buffers
 
-    def load_momentum_buffers(self, buffers):
-        """Keep this rank's share of what momentum_buffers() returned."""
+    def load_buffers(self, buffers):
+        """Keep this rank's share of what buffers() returned."""
         params = [p for group in self.param_groups for p in group["params"]]
-        if [tuple(b.shape) for b in buffers] != [tuple(p.shape) for p in params]:
-            raise ValueError("momentum buffers do not match the parameters in number or shape")
-        start = 0
-        for group in self.param_groups:
-            lo, share = self.share(group["params"])
-            for i, p in enumerate(group["params"][lo:lo + share]):
-                self.state[p]["momentum_buffer"] = buffers[start + lo + i].to(p.device, p.dtype, copy=True)
-            start += len(group["params"])
+        shapes = self.buffer_shapes()
+        if set(buffers) != set(shapes):
+            raise ValueError(f"Muon state holds {', '.join(sorted(buffers))}, this optimizer keeps "
+                             f"{', '.join(sorted(shapes))}")
+        for name, shape_of in shapes.items():
+            if [tuple(b.shape) for b in buffers[name]] != [tuple(shape_of(p.shape)) for p in params]:
+                raise ValueError(f"Muon's {name}s do not match the parameters in number or shape")
+            start = 0
+            for group in self.param_groups:
+                lo, share = self.share(group["params"])
+                for i, p in enumerate(group["params"][lo:lo + share]):
+                    self.state[p][name] = buffers[name][start + lo + i].to(p.device, p.dtype, copy=True)
+                start += len(group["params"])
 
 
 def lr_factor(step, cfg):
     """A linear warm-up over lr_warmup_steps, constant, then a linear cooldown to zero over the
     last cooldown_steps."""
     left = cfg.steps - step
-    factor = 1.0 if left >= cfg.cooldown_steps else cfg.lr_floor + (1 - cfg.lr_floor) * left / cfg.cooldown_steps
+    factor = 1.0 if left >= cfg.cooldown_steps else left / cfg.cooldown_steps
     return min(factor, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else factor
 
 
@@ -715,7 +737,7 @@ def muon_momentum(step, cfg):
 
 
 def build_optimizers(model, cfg, rank, world_size, device):
-    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     groups = [dict(params=[model.embed.weight, *(t.weight for t in model.value_embeds)], lr=cfg.embed_lr),
               dict(params=[model.lm_head.weight] + ([model.mtp_head.weight] if model.mtp_head is not None else []),
@@ -731,7 +753,7 @@ def build_optimizers(model, cfg, rank, world_size, device):
                                ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.dtype),
                                weight_decay=cfg.muon_weight_decay, rms_match=cfg.muon_rms_match,
                                triton_gram=cfg.muon_triton, rank=rank, world_size=world_size,
-                               polar_express=cfg.polar_express, normuon=cfg.normuon, cautious=cfg.muon_cautious))
+                               polar_express=cfg.polar_express, normuon=cfg.normuon))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -740,7 +762,7 @@ def build_optimizers(model, cfg, rank, world_size, device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-CHECKPOINT_FORMAT = "train_gpt.py checkpoint v1"
+CHECKPOINT_FORMAT = "train_gpt.py checkpoint v2"
 # What a resumed run may change: paths, evaluation and execution, nothing that alters the updates.
 RESUME_MAY_CHANGE = {"train_files", "val_files", "val_tokens", "val_every", "compile", "warmup_steps", "log_dir",
                      "save_every", "resume", "sample_tokens", "hellaswag_every", "hellaswag_file", "muon_triton",
@@ -760,7 +782,7 @@ def checkpoint_state(cfg, step, train_ms, model, optimizers, loader_state, world
             "world_size": world_size, "step": step, "train_ms": train_ms,
             "model": model.state_dict(),
             "adam": adam.state_dict()["state"],
-            "muon": muon.momentum_buffers() if muon else None,
+            "muon": muon.buffers() if muon else None,
             "loader": loader_state,
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
@@ -876,7 +898,7 @@ def resume(cfg, log, model, optimizers, loader, rank, world_size, device):
             adam = optimizers[0].state_dict()
             optimizers[0].load_state_dict({**adam, "state": ckpt["adam"]})  # this run's lrs and flags
             for opt in (opt for opt in optimizers if isinstance(opt, Muon)):
-                opt.load_momentum_buffers(ckpt["muon"])
+                opt.load_buffers(ckpt["muon"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise UserError(f"{path}: does not fit this model and optimizer: {str(e).splitlines()[0]}") from None
         loader.load_state_dict(ckpt["loader"])
@@ -961,7 +983,7 @@ def build(cfg, rank, world_size, device):
         raise UserError("on CUDA, --compile=false would run FlexAttention unfused, materialising every "
                         "seq_len x seq_len score matrix; keep compile on")
     raw_model = GPT(cfg, flex=flex).to(device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
     ddp_model = model
     if world_size > 1:  # the only buffers are the rotary tables, the same on every rank: never synced
         # (torch 2.13 names the switch forward_sync_buffers, deprecating 2.11's broadcast_buffers)
@@ -982,9 +1004,7 @@ def train_step(step, batches, cfg, ddp_model, optimizers, world_size, sigterm=No
     raw = getattr(ddp_model, "_orig_mod", ddp_model)
     if cfg.mtp_weight:
         raw.mtp_scale.fill_(cfg.mtp_weight * (1 - step / cfg.steps))
-    if cfg.window_start:
-        frac = step / cfg.steps
-        raw.window.fill_(min(cfg.window, 16 * int((cfg.window_start + frac * (cfg.window - cfg.window_start)) / 16)))
+
     device = batches[0][0].device
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
@@ -1004,11 +1024,17 @@ def train_step(step, batches, cfg, ddp_model, optimizers, world_size, sigterm=No
     return loss / world_size, stops > 0
 
 
-def random_batches(cfg, world_size, device):
+def batch_size_at(step, cfg):
+    return cfg.batch_size_start if cfg.batch_size_start and step < cfg.batch_rampup_steps else cfg.batch_size
+
+
+def random_batches(cfg, world_size, device, batch_size=None):
     """This rank's micro-batches for one step, of uniformly random tokens."""
-    n_tokens = cfg.micro_batch_size * cfg.seq_len + 1
+    batch_size = batch_size or cfg.batch_size
+    micro_size = min(cfg.micro_batch_size, batch_size // world_size)
+    n_tokens = micro_size * cfg.seq_len + 1
     return [split_micro_batch(torch.randint(0, cfg.vocab_size, (n_tokens,), device=device), cfg)
-            for _ in range(cfg.batch_size // (cfg.micro_batch_size * world_size))]
+            for _ in range(batch_size // (micro_size * world_size))]
 
 
 def warm_up(cfg, raw_model, ddp_model, optimizers, world_size, device):
@@ -1016,8 +1042,10 @@ def warm_up(cfg, raw_model, ddp_model, optimizers, world_size, device):
     weights and optimizer state go back to their initial values."""
     initial_model = {k: v.clone() for k, v in raw_model.state_dict().items()}
     initial_opts = [opt.state_dict() for opt in optimizers]
-    for _ in range(cfg.warmup_steps):
-        train_step(0, random_batches(cfg, world_size, device), cfg, ddp_model, optimizers, world_size)
+    for batch_size in {cfg.batch_size, batch_size_at(0, cfg)}:
+        for _ in range(cfg.warmup_steps):
+            train_step(0, random_batches(cfg, world_size, device, batch_size), cfg, ddp_model, optimizers,
+                       world_size)
     raw_model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
@@ -1113,7 +1141,8 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
                 t0 = time.perf_counter()
             if last:
                 break
-            loss, stop = train_step(step, loader.next_batches(), cfg, ddp_model, optimizers, world_size, sigterm)
+            loss, stop = train_step(step, loader.next_batches(batch_size_at(step, cfg)), cfg, ddp_model, optimizers,
+                                    world_size, sigterm)
             now_ms = train_ms + 1000 * (time.perf_counter() - t0)
             log(step_line(step + 1, cfg.steps, "train_loss", loss, now_ms))
             t0 += track(step + 1, train_loss=loss, train_time_ms=now_ms)  # the tracker's time is not training
