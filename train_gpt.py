@@ -65,8 +65,6 @@ class Config:
     seq_len: int = 65536  # tokens per sequence; documents are packed and separated by the mask
     batch_size: int = 8  # sequences per optimizer step, over all processes
     micro_batch_size: int = 1  # sequences per forward pass; the rest is gradient accumulation
-    batch_size_start: int = 0  # EXP sequences per step over the first batch_rampup_steps
-    batch_rampup_steps: int = 0  # EXP
     # model
     n_layer: int = 12
     model_dim: int = 768
@@ -74,8 +72,8 @@ class Config:
     mlp_ratio: int = 4
     window: int = 1024  # attention reaches back at most this many tokens (Nov-2024 record)
     logit_cap: float = 30.0  # logits = cap * tanh(logits / cap)
-    value_embeds: int = 0  # EXP
-    mtp_weight: float = 0.0  # EXP
+    mtp_weight: float = 0.0  # multi-token prediction: a second head's loss on the token after next, at this
+    # weight fading linearly to 0 over the run (later records; off in the Nov-2024 one)
     # optimizer: Muon for the matrices inside the blocks, Adam for everything else
     optimizer: str = "muon"  # or "adamw": AdamW for those matrices too, the baseline Muon is judged against
     steps: int = 1875
@@ -86,8 +84,7 @@ class Config:
     muon_momentum_start: float = 0.85  # warmed up linearly to muon_momentum ...
     muon_momentum_warmup: int = 500  # ... over this many steps
     ns_steps: int = 5  # Newton-Schulz iterations
-    polar_express: bool = False  # EXP
-    normuon: bool = False  # EXP
+    normuon: bool = False  # NorMuon: Muon's update normalised per neuron (later records; off in Nov 2024)
     # Moonlight's Muon for long runs, off in the record: decoupled weight decay (W *= 1 - lr * wd), and
     # updates scaled to RMS 0.2 (0.2 * sqrt(max(rows, cols))) like AdamW's, so AdamW's lr and wd carry over
     muon_weight_decay: float = 0.0
@@ -149,14 +146,17 @@ PRESETS = {
         model_dim=96,
         head_dim=48,
         window=64,
-        steps=150,
-        cooldown_steps=75,
+        mtp_weight=0.5,
+        steps=120,
+        cooldown_steps=60,
         muon_momentum_warmup=40,
+        normuon=True,
         embed_lr=0.3,
         head_lr=0.016,
         adam_beta1=0.8,
         adam_eps=1e-10,  # as the track's record was tuned and run
         val_every=10,  # dense curves for the record plots; validation is not timed
+        dtype="float32",  # on the Intel Xeon that runs this track, fp32 matmuls run ~2x faster than bf16
         warmup_steps=2,
         sample_tokens=240,
     ),
@@ -219,6 +219,8 @@ def validate(cfg, world_size):
     if cfg.optimizer != "muon" and (cfg.muon_weight_decay or cfg.muon_rms_match):
         raise UserError("muon_weight_decay and muon_rms_match apply to Muon: with optimizer=adamw, set "
                         "adamw_lr and weight_decay")
+    if cfg.mtp_weight < 0:
+        raise UserError(f"mtp_weight must be 0 or more, got {cfg.mtp_weight}")
     if cfg.muon_weight_decay < 0 or cfg.muon_weight_decay * cfg.muon_lr >= 1:  # W *= 1 - lr * wd
         raise UserError(f"muon_weight_decay must be 0 or more, with muon_lr x muon_weight_decay below 1; got "
                         f"{cfg.muon_weight_decay} at lr {cfg.muon_lr}")
@@ -324,20 +326,18 @@ class TrainLoader:
         self.shard, self.pos = 0, 0
         self.tokens = read_shard(self.files[0], cfg.vocab_size)
 
-    def next_batches(self, batch_size=None):
+    def next_batches(self):
         """The (inputs, targets) micro-batches this rank accumulates over in the next step."""
         cfg = self.cfg
-        batch_size = batch_size or cfg.batch_size
-        span = batch_size * cfg.seq_len
+        span = cfg.batch_size * cfg.seq_len
         if self.pos + span + 1 > len(self.tokens):
             self.shard, self.pos = (self.shard + 1) % len(self.files), 0
             self.tokens = read_shard(self.files[self.shard], cfg.vocab_size)
         buf = torch.from_numpy(self.tokens[self.pos:self.pos + span + 1].astype(np.int64))
         self.pos += span
-        micro_size = min(cfg.micro_batch_size, batch_size // self.world_size)
-        micro = micro_size * cfg.seq_len
+        micro = cfg.micro_batch_size * cfg.seq_len
         return [split_micro_batch(buf[j * micro:(j + 1) * micro + 1].to(self.device, non_blocking=True), cfg)
-                for j in range(self.rank, batch_size // micro_size, self.world_size)]
+                for j in range(self.rank, cfg.batch_size // cfg.micro_batch_size, self.world_size)]
 
     def state_dict(self):  # the same on every rank
         return {"shard": self.shard, "pos": self.pos, "files": [Path(f).name for f in self.files]}
@@ -461,18 +461,13 @@ class Attention(nn.Module):
         # value residual: the share of the first block's v (which in the first block is v itself,
         # so there this weight never gets a gradient)
         self.value_mix = nn.Parameter(torch.tensor(0.5))
-        self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x, v_first, mask, rope, ve=None, value_embeds=False):
+    def forward(self, x, v_first, mask, rope):
         B, T, dim = x.shape
         q, k, v = F.linear(x, self.qkv.flatten(0, 1).to(x.dtype)).view(B, T, 3, -1, self.head_dim).unbind(2)
-        if value_embeds:
-            if ve is not None:
-                v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
-        else:
-            if v_first is None:
-                v_first = v
-            v = (1 - self.value_mix) * v + self.value_mix * v_first
+        if v_first is None:
+            v_first = v
+        v = (1 - self.value_mix) * v + self.value_mix * v_first
         q, k = rotate(norm(q), rope), rotate(norm(k), rope)  # QK-norm keeps attention logits tame
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, dim)), v_first
@@ -493,11 +488,10 @@ class Block(nn.Module):
         super().__init__()
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the stream and x0
-        self.value_embeds = cfg.value_embeds > 0
 
-    def forward(self, x, x0, v_first, mask, rope, ve=None):
+    def forward(self, x, x0, v_first, mask, rope):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        y, v_first = self.attn(norm(x), v_first, mask, rope, ve, self.value_embeds)
+        y, v_first = self.attn(norm(x), v_first, mask, rope)
         x = x + y
         return x + self.mlp(norm(x)), v_first
 
@@ -510,78 +504,64 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.model_dim) for _ in range(cfg.value_embeds))
-        self.mtp_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True) if cfg.mtp_weight else None
-        self.register_buffer("mtp_scale", torch.tensor(1.0), persistent=False)
-
         # U-net: the first half of the blocks hand their outputs, last first, to the second half
         self.n_encoder = cfg.n_layer // 2
         self.skip_weights = nn.Parameter(torch.ones(self.n_encoder))
         self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        # multi-token prediction: a second head, trained only, predicts the token after the next
+        self.mtp_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True) if cfg.mtp_weight else None
 
-    def forward(self, idx, targets=None, reduction="mean", flex=None):
+    def forward(self, idx, targets=None, reduction="mean", flex=None, horizons=1):
         """The cross-entropy against targets (reduction "mean", "sum", or "none": per token), or without
         targets the logits of the next token, (B, vocab_size). flex=False takes the dense attention path,
-        for evaluation and sampling on inputs of any shape."""
+        for evaluation and sampling on inputs of any shape. horizons=2 (training with mtp_weight) returns
+        the mean cross-entropies of the next token and of mtp_head's token after it, as one (2,) tensor."""
         cfg = self.cfg
         mask = attention_mask(idx, cfg.eot_token, cfg.window, self.flex if flex is None else flex)
-        k = len(self.value_embeds)
-        ves = [table(idx).to(self.dtype) for table in self.value_embeds]
-        ves = ves + [None] * (cfg.n_layer - 2 * k) + ves if k else [None] * cfg.n_layer
         rope = self.rotary(idx.size(1), self.dtype)
         x = x0 = norm(self.embed(idx).to(self.dtype))
         v_first, skips = None, []
         for i, block in enumerate(self.blocks):
             if i >= self.n_encoder and skips:
                 x = x + self.skip_weights[i - self.n_encoder] * skips.pop()
-            x, v_first = block(x, x0, v_first, mask, rope, ves[i])
+            x, v_first = block(x, x0, v_first, mask, rope)
             if i < self.n_encoder:
                 skips.append(x)
         if targets is None:
             x = x[:, -1]
         x = norm(x)
-        logits = self.lm_head(x).float()
-        logits = cfg.logit_cap * torch.tanh(logits / cfg.logit_cap)
+        logits = self.capped(self.lm_head(x))
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-        if self.mtp_head is not None and self.training:
-            logits2 = self.mtp_head(x[:, :-1]).float()
-            logits2 = cfg.logit_cap * torch.tanh(logits2 / cfg.logit_cap)
-            loss = loss + self.mtp_scale * F.cross_entropy(logits2.reshape(-1, logits2.size(-1)), targets[:, 1:].reshape(-1))
-        return loss
+        if horizons == 1:
+            return loss
+        second = self.capped(self.mtp_head(x[:, :-1]))  # position t predicts the target of t + 1
+        return torch.stack([loss, F.cross_entropy(second.reshape(-1, second.size(-1)), targets[:, 1:].reshape(-1))])
+
+    def capped(self, logits):
+        cap = self.cfg.logit_cap
+        return cap * torch.tanh(logits.float() / cap)
 
 
 # ----------------------------------------------------------------------------- optimizer
 
-# Newton-Schulz's (a, b, c) in X <- a X + b (X X^T) X + c (X X^T)^2 X. Muon's one quintic, used at every
-# iteration, pushes every singular value of the normalised input towards 1 as fast as possible and
-# leaves them in ~[0.7, 1.2]. Polar Express (Amsel et al. 2025) takes a minimax-optimal quintic per
-# iteration for the interval that the singular values are known to lie in by then; five of them (its
-# published ones, for inputs scaled down by a 2% safety margin) end much closer to 1, for the same work.
-MUON_QUINTIC = (3.4445, -4.7750, 2.0315)
-POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
-                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True):
+    """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' in ~[0.7, 1.2].
 
-
-def newton_schulz(G, steps=5, dtype=torch.bfloat16, triton_gram=True, polar_express=False):
-    """Approximately orthogonalise G (or a stack of matrices): U S V^T -> U S' V^T, S' near 1.
-
-    The two symmetric products of each iteration go through the Triton kernel on CUDA, unless
-    triton_gram is off. Polar Express repeats its last quintic past five steps."""
-    coefficients = (POLAR_EXPRESS + POLAR_EXPRESS[-1:] * steps)[:steps] if polar_express else [MUON_QUINTIC] * steps
+    A quintic iteration whose coefficients (Muon write-up) push every singular value of the
+    Frobenius-normalised input towards 1 as fast as possible, trading exactness for speed. Its two
+    symmetric products go through the Triton kernel on CUDA, unless triton_gram is off."""
+    a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # one batch dimension, for baddbmm
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.02 if polar_express else 1) + 1e-7)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     kernel = triton_gram and kernels.gram_by_kernel(X)
-    for a, b, c in coefficients:
+    for _ in range(steps):
         A = kernels.gram(X) if kernel else X @ X.mT
-        # A is symmetric: A @ A = A @ A^T; fused multiply-adds save passes over memory
+        # A is symmetric (A @ A = A @ A^T); baddbmm fuses each product with its sum
         B = b * A + c * kernels.gram(A) if kernel else torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
     return (X.mT if tall else X).reshape(G.shape)
@@ -592,18 +572,22 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-schulz, for the 2-D weights inside the blocks.
+    """MomentUm Orthogonalized by Newton-schulz, for the matrices inside the blocks.
 
     Parameters of one shape form a group and are orthogonalised as one batch. The batch is split
     across ranks (each rank keeps the momentum of its share only) and the updates are all-gathered,
     so every rank applies the same update. Gradients must already be averaged across ranks.
+
+    A parameter may also be a stack of matrices (the attention's q, k and v in one (3, dim, dim)
+    weight): each is orthogonalised on its own. With normuon, each row of an orthogonalised update
+    is divided by a running RMS of that row, and the matrix rescaled to its norm before.
 
     The update of a rows x cols matrix is scaled by sqrt(max(1, rows / cols)), so tall and square
     matrices move alike, or with rms_match by 0.2 * sqrt(max(rows, cols)), which gives it an RMS
     of about 0.2, as AdamW's typically has. weight_decay is decoupled: W *= 1 - lr * weight_decay."""
 
     def __init__(self, params, lr, momentum, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
-                 weight_decay=0.0, rms_match=False, triton_gram=True, rank=0, world_size=1, polar_express=False,
+                 weight_decay=0.0, rms_match=False, triton_gram=True, rank=0, world_size=1,
                  normuon=False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
@@ -612,7 +596,7 @@ class Muon(torch.optim.Optimizer):
                                       weight_decay=weight_decay))
         self.ns_dtype, self.rms_match, self.triton_gram = ns_dtype, rms_match, triton_gram
         self.rank, self.world_size = rank, world_size
-        self.polar_express, self.normuon = polar_express, normuon
+        self.normuon = normuon
 
     def normalise_neurons(self, params, orth):
         """NorMuon: divide each row (output neuron) of the orthogonalised updates by the running RMS of
@@ -655,8 +639,7 @@ class Muon(torch.optim.Optimizer):
                     grads = torch._foreach_add(grads, bufs, alpha=mu)
                 else:
                     grads = bufs
-                orth = newton_schulz(torch.stack(grads), group["ns_steps"], self.ns_dtype, self.triton_gram,
-                                     self.polar_express)
+                orth = newton_schulz(torch.stack(grads), group["ns_steps"], self.ns_dtype, self.triton_gram)
                 if self.normuon:
                     orth = self.normalise_neurons(mine, orth)
                 updates[lo:lo + len(mine)] = orth
@@ -739,7 +722,7 @@ def muon_momentum(step, cfg):
 def build_optimizers(model, cfg, rank, world_size, device):
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
     scalars = [p for p in model.parameters() if p.ndim < 2]
-    groups = [dict(params=[model.embed.weight, *(t.weight for t in model.value_embeds)], lr=cfg.embed_lr),
+    groups = [dict(params=[model.embed.weight], lr=cfg.embed_lr),
               dict(params=[model.lm_head.weight] + ([model.mtp_head.weight] if model.mtp_head is not None else []),
                    lr=cfg.head_lr),
               dict(params=scalars, lr=cfg.scalar_lr)]
@@ -753,7 +736,7 @@ def build_optimizers(model, cfg, rank, world_size, device):
                                ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.dtype),
                                weight_decay=cfg.muon_weight_decay, rms_match=cfg.muon_rms_match,
                                triton_gram=cfg.muon_triton, rank=rank, world_size=world_size,
-                               polar_express=cfg.polar_express, normuon=cfg.normuon))
+                               normuon=cfg.normuon))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -943,7 +926,7 @@ def sigterm_flag(enabled):
 def all_finite(state):
     """Whether a checkpoint's weights and optimizer moments are all finite."""
     tensors = [*state["model"].values(), *(v for s in state["adam"].values() for v in s.values()),
-               *(state["muon"] or [])]
+               *(t for buffers in (state["muon"] or {}).values() for t in buffers)]
     return all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
 
 
@@ -983,7 +966,7 @@ def build(cfg, rank, world_size, device):
         raise UserError("on CUDA, --compile=false would run FlexAttention unfused, materialising every "
                         "seq_len x seq_len score matrix; keep compile on")
     raw_model = GPT(cfg, flex=flex).to(device)
-    model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     ddp_model = model
     if world_size > 1:  # the only buffers are the rotary tables, the same on every rank: never synced
         # (torch 2.13 names the switch forward_sync_buffers, deprecating 2.11's broadcast_buffers)
@@ -994,25 +977,26 @@ def build(cfg, rank, world_size, device):
 
 
 def train_step(step, batches, cfg, ddp_model, optimizers, world_size, sigterm=None):
-    """One update from this rank's micro-batches; returns the mean train loss and whether SIGTERM reached
-    any rank by the end of the step."""
+    """One update from this rank's micro-batches; returns the mean train loss (of the next token) and whether
+    SIGTERM reached any rank by the end of the step."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
     for group in (g for opt in optimizers if isinstance(opt, Muon) for g in opt.param_groups):
         group["momentum"] = muon_momentum(step, cfg)
-    raw = getattr(ddp_model, "_orig_mod", ddp_model)
-    if cfg.mtp_weight:
-        raw.mtp_scale.fill_(cfg.mtp_weight * (1 - step / cfg.steps))
-
+    mtp_weight = cfg.mtp_weight * (1 - step / cfg.steps)  # fades out: the next token is what is scored
     device = batches[0][0].device
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
         with ddp_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
-            loss = ddp_model(x, y)
-            (loss / len(batches)).backward()
-        loss_sum += loss.detach()
+            if cfg.mtp_weight:
+                loss, second = ddp_model(x, y, horizons=2).unbind()
+                objective = loss + mtp_weight * second
+            else:
+                objective = loss = ddp_model(x, y)
+            (objective / len(batches)).backward()
+        loss_sum += loss.detach()  # the logged train loss is the next token's, comparable to val loss
     for opt in optimizers:
         opt.step()
     ddp_model.zero_grad(set_to_none=True)
@@ -1024,17 +1008,11 @@ def train_step(step, batches, cfg, ddp_model, optimizers, world_size, sigterm=No
     return loss / world_size, stops > 0
 
 
-def batch_size_at(step, cfg):
-    return cfg.batch_size_start if cfg.batch_size_start and step < cfg.batch_rampup_steps else cfg.batch_size
-
-
-def random_batches(cfg, world_size, device, batch_size=None):
+def random_batches(cfg, world_size, device):
     """This rank's micro-batches for one step, of uniformly random tokens."""
-    batch_size = batch_size or cfg.batch_size
-    micro_size = min(cfg.micro_batch_size, batch_size // world_size)
-    n_tokens = micro_size * cfg.seq_len + 1
+    n_tokens = cfg.micro_batch_size * cfg.seq_len + 1
     return [split_micro_batch(torch.randint(0, cfg.vocab_size, (n_tokens,), device=device), cfg)
-            for _ in range(batch_size // (micro_size * world_size))]
+            for _ in range(cfg.batch_size // (cfg.micro_batch_size * world_size))]
 
 
 def warm_up(cfg, raw_model, ddp_model, optimizers, world_size, device):
@@ -1042,10 +1020,8 @@ def warm_up(cfg, raw_model, ddp_model, optimizers, world_size, device):
     weights and optimizer state go back to their initial values."""
     initial_model = {k: v.clone() for k, v in raw_model.state_dict().items()}
     initial_opts = [opt.state_dict() for opt in optimizers]
-    for batch_size in {cfg.batch_size, batch_size_at(0, cfg)}:
-        for _ in range(cfg.warmup_steps):
-            train_step(0, random_batches(cfg, world_size, device, batch_size), cfg, ddp_model, optimizers,
-                       world_size)
+    for _ in range(cfg.warmup_steps):
+        train_step(0, random_batches(cfg, world_size, device), cfg, ddp_model, optimizers, world_size)
     raw_model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
@@ -1141,8 +1117,7 @@ def train(cfg, log, rank=0, world_size=1, device=torch.device("cpu"), run_dir=No
                 t0 = time.perf_counter()
             if last:
                 break
-            loss, stop = train_step(step, loader.next_batches(batch_size_at(step, cfg)), cfg, ddp_model, optimizers,
-                                    world_size, sigterm)
+            loss, stop = train_step(step, loader.next_batches(), cfg, ddp_model, optimizers, world_size, sigterm)
             now_ms = train_ms + 1000 * (time.perf_counter() - t0)
             log(step_line(step + 1, cfg.steps, "train_loss", loss, now_ms))
             t0 += track(step + 1, train_loss=loss, train_time_ms=now_ms)  # the tracker's time is not training

@@ -26,8 +26,11 @@ def assert_same_state(a, b):
         for x, y in zip(flat_a, flat_b):
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, key
     assert (a["muon"] is None) == (b["muon"] is None)
-    for x, y in zip(a["muon"] or [], b["muon"] or []):
-        assert torch.equal(x, y)
+    assert (a["muon"] or {}).keys() == (b["muon"] or {}).keys()
+    for name in a["muon"] or {}:
+        assert len(a["muon"][name]) == len(b["muon"][name]) > 0
+        for x, y in zip(a["muon"][name], b["muon"][name]):
+            assert torch.equal(x, y), name
     assert a["loader"] == b["loader"] and a["step"] == b["step"]
 
 

@@ -154,3 +154,49 @@ def test_adamw_baseline_takes_the_matrices():
     assert sorted(ids(adamw.param_groups[3:])[0]) == sorted(sum(ids(muon.param_groups), []))
     assert [(g["lr"], g["weight_decay"]) for g in adamw.param_groups] == [
         (cfg.embed_lr, 0.0), (cfg.head_lr, 0.0), (cfg.scalar_lr, 0.0), (cfg.adamw_lr, 0.1)]
+
+
+def test_normuon_divides_each_row_by_its_running_rms_and_keeps_the_norm():
+    """After NorMuon's first step the running mean square of each row is 0.05 x the row's own, so every
+    row of the update gets one RMS; the update keeps the orthogonalised matrix's Frobenius norm. The
+    second step divides by the running average, not the current rows' RMS: rows then differ again."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(24, 40))
+    opt = Muon([w], lr=0.1, momentum=0.9, ns_dtype=torch.float32, normuon=True)
+    g = torch.randn(24, 40) * torch.linspace(0.1, 3, 24)[:, None]  # rows of very different sizes
+    before = w.detach().clone()
+    w.grad = g
+    opt.step()
+    update = (before - w.detach()) / 0.1
+    orth = newton_schulz(g + 0.9 * g, dtype=torch.float32)
+    rows = update.pow(2).mean(dim=1).sqrt()
+    torch.testing.assert_close(rows, torch.full_like(rows, rows.mean().item()), rtol=1e-4, atol=0)
+    assert update.norm().item() == pytest.approx(orth.norm().item(), rel=1e-5)
+    torch.testing.assert_close(opt.state[w]["neuron_moment"], 0.05 * orth.pow(2).mean(dim=1, keepdim=True))
+    assert orth.pow(2).mean(dim=1).sqrt().std() / orth.pow(2).mean(dim=1).sqrt().mean() > 0.01  # the test has teeth
+    before = w.detach().clone()
+    w.grad = torch.randn(24, 40)
+    opt.step()
+    rows = (before - w.detach()).pow(2).mean(dim=1).sqrt()
+    assert rows.std() / rows.mean() > 0.01
+
+
+def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():
+    """A (3, rows, cols) parameter (q, k and v in one weight) moves exactly as three separate
+    (rows, cols) parameters with the same gradients, with and without NorMuon."""
+    torch.manual_seed(0)
+    for normuon in (False, True):
+        stack = torch.nn.Parameter(torch.randn(3, 16, 16))
+        apart = [torch.nn.Parameter(m.clone()) for m in stack.detach()]
+        opts = [Muon([stack], lr=0.1, momentum=0.9, ns_dtype=torch.float32, normuon=normuon),
+                Muon(apart, lr=0.1, momentum=0.9, ns_dtype=torch.float32, normuon=normuon)]
+        for _ in range(3):
+            g = torch.randn(3, 16, 16)
+            stack.grad = g.clone()
+            for p, gi in zip(apart, g):
+                p.grad = gi.clone()
+            for opt in opts:
+                opt.step()
+        for i in range(3):
+            torch.testing.assert_close(stack.detach()[i], apart[i].detach(), atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(stack.detach()[0], stack.detach()[1])

@@ -54,11 +54,13 @@ def test_every_block_mixes_in_the_first_blocks_v(tmp_path):
     cfg = model_config(tmp_path, n_layer=4)
     model = random_model(cfg)
     own_v, received = {}, {}
+
+    def record(m, args, kwargs, i):  # the block's own value projection, and the v_first it was handed
+        own_v[i] = F.linear(argument(m, "x", args, kwargs), m.qkv[2]).detach()
+        received[i] = argument(m, "v_first", args, kwargs)
     for i, block in enumerate(model.blocks):
-        block.attn.v.register_forward_hook(lambda m, args, out, i=i: own_v.__setitem__(i, out.detach()))
-        block.attn.register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: received.__setitem__(i, argument(m, "v_first", args, kwargs)),
-            with_kwargs=True)
+        block.attn.register_forward_pre_hook(lambda m, args, kwargs, i=i: record(m, args, kwargs, i),
+                                             with_kwargs=True)
     x = tokens(cfg)
     with torch.no_grad():
         model(x, x)
@@ -177,3 +179,43 @@ def test_resume_restores_the_rng_state_of_the_checkpoint(char_shards, tmp_path):
     draw = torch.rand(16)
     torch.set_rng_state(saved)
     assert torch.equal(draw, torch.rand(16))
+
+
+# ----------------------------------------------------------------------------- multi-token prediction
+
+def test_mtp_head_scores_the_token_after_next_and_only_in_training(tmp_path):
+    """horizons=2 gives the next token's loss (the same as horizons=1) and mtp_head's cross-entropy at
+    position t against the target of t + 1. Without mtp_weight there is no second head at all."""
+    cfg = model_config(tmp_path, n_layer=2, mtp_weight=0.5)
+    model = random_model(cfg)
+    x, y = tokens(cfg), tokens(cfg, seed=2)
+    with torch.no_grad():
+        loss, second = model(x, y, horizons=2)
+        hidden = {}
+        model.lm_head.register_forward_hook(lambda m, args, out: hidden.__setitem__("x", args[0]))
+        assert loss == model(x, y)
+        logits = 30 * torch.tanh(F.linear(hidden["x"][:, :-1], model.mtp_head.weight) / 30)
+        expected = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), y[:, 1:].reshape(-1))
+    torch.testing.assert_close(second, expected)
+    assert abs(second - loss) > 1e-3  # the test has teeth: the two heads differ
+    assert train_gpt.GPT(model_config(tmp_path, mtp_weight=0.0)).mtp_head is None
+
+
+def test_train_step_logs_the_next_token_loss_and_trains_both_heads(tmp_path):
+    """The objective is loss + mtp_weight x (1 - step / steps) x second, but the loss a step returns (and
+    logs) is the next token's, comparable to val loss; mtp_head gets a gradient, scaled by the weight."""
+    cfg = model_config(tmp_path, n_layer=2, mtp_weight=0.5, steps=10)
+    batches = [(tokens(cfg), tokens(cfg, seed=2))]
+    grads = {}
+    for step in (0, 5):
+        model = random_model(cfg)
+        with torch.no_grad():
+            expected = model(*batches[0]).item()
+        optimizers = train_gpt.build_optimizers(model, cfg, 0, 1, CPU)
+        for opt in optimizers:  # look at the gradients, not the update
+            opt.step = lambda: None
+        model.zero_grad = lambda set_to_none=True: None
+        loss, _ = train_gpt.train_step(step, batches, cfg, model, optimizers, 1)
+        assert loss == pytest.approx(expected, rel=1e-6)
+        grads[step] = model.mtp_head.weight.grad.clone()
+    torch.testing.assert_close(grads[5], grads[0] * 0.5, rtol=1e-4, atol=1e-7)  # weight 0.5 -> 0.25
