@@ -547,7 +547,8 @@ def test_submit_writes_the_record(tiny_logs, tmp_path, readme):
     assert json.loads((directory / "record.json").read_text())["target"] == 5.0
     table = readme.read_text()
     assert "| # | train time (s) | val loss | runs |" in table
-    assert f"| 1 | {np.mean([r.time_s for r in runs]):.2f} | {mean:.4f} | 3 | a tiny model" in table
+    assert f"| 1 | {np.mean([r.time_s for r in runs]):.2f} | {mean:.4f} | 3 | {runs[0].log.hardware} | a tiny model" in table
+    assert "cores" in runs[0].log.hardware  # the CPU's line: times compare only on the same hardware
     assert "[TinyTest](records/cpu/2026-01-02_TinyTest/)" in table
     with pytest.raises(records.RecordError, match="exists already"):
         records.submit(tiny_logs, "cpu", "TinyTest", "again", date="2026-01-02", records=tmp_path / "records",

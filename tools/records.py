@@ -729,17 +729,17 @@ def track_table(records, track_name, readme_dir):
         meta = json.loads(meta_path.read_text())
         runs = load_runs([meta_path.parent])
         entries.append((statistics.mean(r.time_s for r in runs), statistics.mean(r.result for r in runs),
-                        len(runs), meta, meta_path.parent))
+                        len(runs), meta, meta_path.parent, "; ".join(sorted({r.log.hardware for r in runs}))))
     if not entries:
         return "No record measured in this repository yet."
     unit, scale = time_unit([e[0] for e in entries])
     d = decimals([e[1] for e in entries], track.target)
-    lines = [f"| # | train time ({unit}) | {result_name(track)} | runs | description | date | record |",
-             "|---|---|---|---|---|---|---|"]
-    for rank, (seconds, result, n, meta, directory) in enumerate(sorted(entries, key=lambda e: e[0]), 1):
+    lines = [f"| # | train time ({unit}) | {result_name(track)} | runs | hardware | description | date | record |",
+             "|---|---|---|---|---|---|---|---|"]
+    for rank, (seconds, result, n, meta, directory, hardware) in enumerate(sorted(entries, key=lambda e: e[0]), 1):
         link = Path(os.path.relpath(directory, readme_dir)).as_posix()
         description = meta["description"].splitlines()[0].replace("|", "\\|")
-        lines.append(f"| {rank} | {seconds / scale:.2f} | {result:.{d}f} | {n} | {description} "
+        lines.append(f"| {rank} | {seconds / scale:.2f} | {result:.{d}f} | {n} | {hardware} | {description} "
                      f"| {meta['date']} | [{meta['name']}]({link}/) |")
     return "\n".join(lines)
 
