@@ -103,7 +103,7 @@ def report(results, say=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="seeds 0 .. runs-1")
+    parser.add_argument("--runs", type=int, default=5, help="how many seeds: first-seed, first-seed + 1, ...")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--arm", type=arm, action="append", metavar="NAME=FLAGS",
                         help="a recipe: a name and its trainer flags (default: the preset alone)")
