@@ -110,7 +110,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "cpu-track", help="where the run logs go")
     parser.add_argument("--code", type=arm, action="append", default=[], metavar="NAME=DIR",
                         help="run arm NAME with DIR/train_gpt.py (default: this checkout's)")
-    parser.add_argument("--report", action="store_true", help="only read OUT/<arm>/*/log.txt, oldest first")
+    parser.add_argument("--report", action="store_true", help="only read OUT/<arm>/*/log.txt, in seed order")
     parser.add_argument("trainer_args", nargs="*", help="flags for every run, after --")
     args = parser.parse_args(argv)
     arms = args.arm or [("preset", [])]
@@ -122,7 +122,8 @@ def main(argv=None):
         code[name] = Path(parts[0]).resolve()
     if args.report:
         for name in results:
-            results[name] = [parse_log(p) for p in sorted((args.out / name).glob("*/log.txt"))]
+            results[name] = sorted((parse_log(p) for p in (args.out / name).glob("*/log.txt")),
+                                   key=lambda log: log.config["seed"])  # paired with the other arms by seed
             if not results[name]:
                 sys.exit(f"{args.out / name}: no logs")
         report(results)

@@ -54,8 +54,8 @@ def test_two_nodes_match_one_process(char_shards, tmp_path):
     a, b = load_checkpoint(one_ckpt, cfg), load_checkpoint(two_ckpt, cfg)
     assert (a["world_size"], b["world_size"]) == (1, 2)
     assert a["muon"].keys() == b["muon"].keys() == {"momentum_buffer", "neuron_moment"}
-    for name in a["muon"]:  # 3 blocks of 4 Muon parameters: qkv, the attention's and the MLP's projections, fc
-        assert len(a["muon"][name]) == len(b["muon"][name]) == 3 * 4
+    for name in a["muon"]:  # 3 blocks of 6 matrices: q, k, v, the attention's and the MLP's projections, fc
+        assert len(a["muon"][name]) == len(b["muon"][name]) == 3 * 6
         for x, y in zip(a["muon"][name], b["muon"][name]):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3)
     for k in a["model"]:

@@ -180,23 +180,3 @@ def test_normuon_divides_each_row_by_its_running_rms_and_keeps_the_norm():
     rows = (before - w.detach()).pow(2).mean(dim=1).sqrt()
     assert rows.std() / rows.mean() > 0.01
 
-
-def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():
-    """A (3, rows, cols) parameter (q, k and v in one weight) moves exactly as three separate
-    (rows, cols) parameters with the same gradients, with and without NorMuon."""
-    torch.manual_seed(0)
-    for normuon in (False, True):
-        stack = torch.nn.Parameter(torch.randn(3, 16, 16))
-        apart = [torch.nn.Parameter(m.clone()) for m in stack.detach()]
-        opts = [Muon([stack], lr=0.1, momentum=0.9, ns_dtype=torch.float32, normuon=normuon),
-                Muon(apart, lr=0.1, momentum=0.9, ns_dtype=torch.float32, normuon=normuon)]
-        for _ in range(3):
-            g = torch.randn(3, 16, 16)
-            stack.grad = g.clone()
-            for p, gi in zip(apart, g):
-                p.grad = gi.clone()
-            for opt in opts:
-                opt.step()
-        for i in range(3):
-            torch.testing.assert_close(stack.detach()[i], apart[i].detach(), atol=1e-6, rtol=1e-5)
-        assert not torch.allclose(stack.detach()[0], stack.detach()[1])

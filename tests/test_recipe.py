@@ -56,7 +56,7 @@ def test_every_block_mixes_in_the_first_blocks_v(tmp_path):
     own_v, received = {}, {}
 
     def record(m, args, kwargs, i):  # the block's own value projection, and the v_first it was handed
-        own_v[i] = F.linear(argument(m, "x", args, kwargs), m.qkv[2]).detach()
+        own_v[i] = F.linear(argument(m, "x", args, kwargs), m.v.weight).detach()
         received[i] = argument(m, "v_first", args, kwargs)
     for i, block in enumerate(model.blocks):
         block.attn.register_forward_pre_hook(lambda m, args, kwargs, i=i: record(m, args, kwargs, i),

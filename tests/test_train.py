@@ -108,7 +108,8 @@ def test_public_log_lines_parse():
 def test_compiled_training(char_shards, tmp_path):
     """The one torch.compile test. The compiled model's forward and backward agree with eager (in
     float32, so the comparison can be tight); and compiled bfloat16 training with deterministic
-    algorithms, as main() runs it on CPU, repeats itself to the last bit."""
+    algorithms, as main() runs it on CPU, repeats itself to the last bit. Both heads train, as in the
+    CPU preset (multi-token prediction)."""
     cfg = tiny_config(char_shards, tmp_path)
     torch.manual_seed(0)
     model = train_gpt.GPT(cfg)
