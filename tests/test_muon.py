@@ -180,3 +180,11 @@ def test_normuon_divides_each_row_by_its_running_rms_and_keeps_the_norm():
     rows = (before - w.detach()).pow(2).mean(dim=1).sqrt()
     assert rows.std() / rows.mean() > 0.01
 
+
+
+def test_later_records_ideas_are_off_in_the_nov_2024_record():
+    """gpt2-speedrun stays the public Nov-2024 record: NorMuon and multi-token prediction, which the CPU
+    track adopted, are off there (and in the presets built on its recipe)."""
+    for name in ("gpt2-speedrun", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        assert not PRESETS[name].normuon and PRESETS[name].mtp_weight == 0, name
+    assert PRESETS["cpu-shakespeare"].normuon and PRESETS["cpu-shakespeare"].mtp_weight == 0.5
