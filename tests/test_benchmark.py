@@ -2,6 +2,7 @@
 printed figures of both trainers' benchmarks, profiling."""
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,8 +43,12 @@ def test_flops_formula_matches_the_flop_counter(char_shards, tmp_path, n_layer, 
     model = GPT(cfg)
     x, y = torch.randint(0, 65, (2, 4, 32))
     with FlopCounterMode(display=False) as counter:
+        model(x, y, horizons=2).sum().backward()  # training: the multi-token head too
+    assert cfg.mtp_weight and counter.get_total_flops() == pytest.approx(
+        flops_per_token(cfg, keys=cfg.seq_len) * x.numel(), rel=1e-12)
+    with FlopCounterMode(display=False) as counter:
         model(x, y).backward()
-    assert counter.get_total_flops() == flops_per_token(cfg, keys=cfg.seq_len) * x.numel()
+    assert counter.get_total_flops() == flops_per_token(replace(cfg, mtp_weight=0), keys=cfg.seq_len) * x.numel()
 
 
 def within_rounding(mfu, flops, rate, peak, flops_digit=0.0):

@@ -26,17 +26,23 @@ def matmul_weights(cfg):
     return cfg.n_layer * (4 + 2 * cfg.mlp_ratio) * cfg.model_dim ** 2 + cfg.model_dim * cfg.vocab_size
 
 
+def mtp_weights(cfg):
+    """The multi-token prediction head's weights, per token: it scores all positions but the last."""
+    return cfg.model_dim * cfg.vocab_size * (cfg.seq_len - 1) / cfg.seq_len if cfg.mtp_weight else 0
+
+
 def flops_per_token(cfg, keys=None):
     """Model FLOPs per training token, as MFU counts them: forward and backward are 3 forwards, so 6 per
     weight of a matrix product (the embedding is a lookup), plus attention's scores and weighted sum,
     2 x 2 x model_dim per attended key and layer, tripled: 6 W + 12 n_layer model_dim keys."""
     keys = attended_keys(cfg.seq_len, cfg.window) if keys is None else keys
-    return 6 * matmul_weights(cfg) + 12 * cfg.n_layer * cfg.model_dim * keys
+    return 6 * (matmul_weights(cfg) + mtp_weights(cfg)) + 12 * cfg.n_layer * cfg.model_dim * keys
 
 
 def flops_formula(cfg):
     """The formula of flops_per_token with this config's numbers, for a log line."""
-    return (f"6 x {matmul_weights(cfg):,} matmul weights + 12 x {cfg.n_layer} layers x {cfg.model_dim} x "
+    mtp = f" (+ {mtp_weights(cfg):,.0f} of the multi-token head)" if cfg.mtp_weight else ""
+    return (f"6 x {matmul_weights(cfg):,}{mtp} matmul weights + 12 x {cfg.n_layer} layers x {cfg.model_dim} x "
             f"{attended_keys(cfg.seq_len, cfg.window):.1f} attended keys (causal, window {cfg.window}, "
             f"seq_len {cfg.seq_len})")
 
