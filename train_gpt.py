@@ -597,12 +597,17 @@ class Muon(torch.optim.Optimizer):
         self.rank, self.world_size = rank, world_size
         self.normuon = normuon
 
+    @staticmethod
+    def neuron_shape(shape):
+        """NorMuon's state for a rows x cols matrix: a running mean square per row."""
+        return (*shape[:-1], 1)
+
     def normalise_neurons(self, params, orth):
         """NorMuon: divide each row (output neuron) of the orthogonalised updates by the running RMS of
         its entries (beta2 0.95), then rescale each matrix to its Frobenius norm before."""
         for p in params:
             if "neuron_moment" not in self.state[p]:
-                self.state[p]["neuron_moment"] = torch.zeros(*p.shape[:-1], 1, device=p.device)
+                self.state[p]["neuron_moment"] = torch.zeros(self.neuron_shape(p.shape), device=p.device)
         moments = [self.state[p]["neuron_moment"] for p in params]
         stacked = torch.stack(moments).lerp_(orth.float().square().mean(-1, keepdim=True), 1 - 0.95)
         torch._foreach_copy_(moments, stacked.unbind(0))
@@ -663,7 +668,7 @@ class Muon(torch.optim.Optimizer):
         """Each state buffer's name and its shape for a parameter of a given shape."""
         shapes = {"momentum_buffer": lambda shape: shape}
         if self.normuon:
-            shapes["neuron_moment"] = lambda shape: (*shape[:-1], 1)
+            shapes["neuron_moment"] = self.neuron_shape
         return shapes
 
     @torch.no_grad()
